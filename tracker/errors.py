@@ -1,0 +1,71 @@
+"""The one exception tree of the project.
+
+Everything the engine raises on purpose derives from :class:`TrackerError`, so a
+server can catch one type, report it to the client that caused it and keep
+serving everyone else::
+
+    TrackerError
+    ├── CheckpointError        checkpoint missing, truncated, corrupt, wrong size/hash
+    │   └── CheckpointMismatchError   weights do not fit the chosen config
+    ├── ModelConfigError       unknown model name / config, bad image size, bad device
+    ├── PromptError            bad points/boxes/masks, unknown object ids, stale frames
+    │   └── FrameNotAvailableError    prompt names a frame outside the prompt window
+    ├── FrameError             wrong frame shape / dtype handed to the predictor
+    └── SourceError            ingest: a source cannot be opened or read
+        ├── SourceNotFoundError       file / device does not exist
+        ├── SourceUnsupportedError    no decoder / container / no video stream
+        ├── SourceConnectionError     host unreachable, timeout, auth failure
+        └── SourceNotAllowedError     refused by the server-side allowlist
+
+Messages say what to do next; tests assert them verbatim.
+"""
+
+from __future__ import annotations
+
+
+class TrackerError(Exception):
+    """Base class of every error the tracker raises deliberately."""
+
+
+class CheckpointError(TrackerError):
+    """A checkpoint file is missing, truncated, corrupt or cannot be fetched."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's weights do not fit the model config (missing/unexpected keys)."""
+
+
+class ModelConfigError(TrackerError):
+    """The model name, config, image size or device asked for cannot be used."""
+
+
+class PromptError(TrackerError, ValueError):
+    """A prompt (points, box, mask, object id) cannot be applied."""
+
+
+class FrameNotAvailableError(PromptError):
+    """A prompt names a frame whose features are no longer (or not yet) kept."""
+
+
+class FrameError(TrackerError, ValueError):
+    """A frame handed to the predictor has the wrong shape, dtype or size."""
+
+
+class SourceError(TrackerError):
+    """A video source cannot be opened or read."""
+
+
+class SourceNotFoundError(SourceError):
+    """The file, folder or device named by a source does not exist."""
+
+
+class SourceUnsupportedError(SourceError):
+    """The source exists but has no decodable video stream (codec/container)."""
+
+
+class SourceConnectionError(SourceError):
+    """A network source is unreachable, timed out, or refused the credentials."""
+
+
+class SourceNotAllowedError(SourceError):
+    """A source was refused by the server-side allowlist."""
