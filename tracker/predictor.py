@@ -468,7 +468,7 @@ class StreamingPredictor:
         if box_xyxy is not None:
             box = np.asarray(box_xyxy, dtype=np.float32).reshape(-1)
             if box.shape != (4,) or not np.isfinite(box).all():
-                raise PromptError(f"box must be 4 numbers x0, y0, x1, y1, got {list(np.asarray(box_xyxy).ravel())}")
+                raise PromptError(f"box must be 4 numbers x0, y0, x1, y1, got {np.asarray(box_xyxy).ravel().tolist()}")
             x0, y0, x1, y1 = box.tolist()
             if not (x1 > x0 and y1 > y0):
                 raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: need x0 < x1 and y0 < y1")

@@ -1,0 +1,196 @@
+"""The streaming predictor's contract beyond equivalence: bad input, bounded state,
+object lifecycle, the prompt window."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import psutil
+import pytest
+
+from tests.frames import moving_shapes, shape_centres
+from tracker.errors import FrameError, FrameNotAvailableError, PromptError
+from tracker.predictor import StreamingPredictor
+
+H, W = 120, 160
+FRAMES = moving_shapes(12, H, W)
+
+
+def click(frame: int, obj: int = 0) -> list[list[float]]:
+    cx, cy = shape_centres(frame, H, W)[obj]
+    return [[cx, cy]]
+
+
+def run_clean(model, n: int = 6) -> list[np.ndarray]:
+    p = StreamingPredictor(model)
+    p.track(FRAMES[0])
+    logits = [p.add_points(1, click(0), [1]).logits_hw]
+    for f in range(1, n):
+        logits.append(p.track(FRAMES[f]).objects[1].logits_hw)
+    return logits
+
+
+BAD_PROMPTS = [
+    (dict(points_xy=[[160, 10]], labels=[1]), "point (160, 10) is outside the 160x120 frame"),
+    (dict(points_xy=[[-1, 10]], labels=[1]), "point (-1, 10) is outside the 160x120 frame"),
+    (dict(points_xy=[[10, 10]], labels=[2]), "labels must be 1 (positive) or 0 (negative), got [2]"),
+    (dict(points_xy=[[10, 10], [20, 20]], labels=[1]), "2 points but 1 labels"),
+    (dict(points_xy=[], labels=[]), "the point list is empty; give at least one point"),
+    (dict(points_xy=[[10, 10]]), "points and labels must be given together"),
+    (dict(), "a prompt needs points, a box or a mask"),
+    (dict(points_xy=[[float("nan"), 10]], labels=[1]), "point coordinates must be finite numbers"),
+    (dict(box_xyxy=[50, 50, 40, 60]), "box (50, 50, 40, 60) is empty: need x0 < x1 and y0 < y1"),
+    (dict(box_xyxy=[0, 0, 161, 60]), "box (0, 0, 161, 60) is outside the 160x120 frame"),
+    (dict(box_xyxy=[0, 0, 10]), "box must be 4 numbers x0, y0, x1, y1, got [0, 0, 10]"),
+    (dict(mask_hw=np.ones((10, 10), bool)), "mask is 10x10 but the frame is 160x120"),
+    (dict(mask_hw=np.ones((H, W), bool), points_xy=[[1, 1]], labels=[1]), "give either a mask or points/box for one prompt, not both"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_PROMPTS)
+def test_bad_prompts_are_refused_with_a_clear_message(model, kwargs, message):
+    p = StreamingPredictor(model)
+    p.track(FRAMES[0])
+    with pytest.raises(PromptError) as err:
+        p.add_prompt(1, **kwargs)
+    assert str(err.value) == message
+    assert p.obj_ids == []  # nothing half-added
+
+
+def test_predictor_stays_usable_after_every_kind_of_bad_input(model):
+    expected = run_clean(model)
+    p = StreamingPredictor(model)
+    p.track(FRAMES[0])
+    for kwargs, _ in BAD_PROMPTS:
+        with pytest.raises(PromptError):
+            p.add_prompt(1, **kwargs)
+    got = [p.add_points(1, click(0), [1]).logits_hw]
+    bad_frames = [
+        (np.zeros((H, W), np.uint8), "frame must be H x W x 3 RGB, got shape (120, 160)"),
+        (np.zeros((H, W, 4), np.uint8), "frame must be H x W x 3 RGB, got shape (120, 160, 4)"),
+        (np.zeros((H, W, 3), np.float32), "frame must be uint8 RGB, got dtype float32"),
+        (np.zeros((0, W, 3), np.uint8), "frame is empty: shape (0, 160, 3)"),
+        ([[1, 2, 3]], "frame must be a numpy array or torch tensor, got list"),
+    ]
+    for f in range(1, 6):
+        for frame, message in bad_frames:
+            with pytest.raises(FrameError) as err:
+                p.track(frame)
+            assert str(err.value) == message
+        with pytest.raises(PromptError) as err:
+            p.remove_object(7)
+        assert str(err.value) == "unknown object id 7; tracked object ids: [1]"
+        with pytest.raises(PromptError) as err:
+            p.add_points("one", click(0), [1])
+        assert str(err.value) == "object id must be an integer, got 'one'"
+        got.append(p.track(FRAMES[f]).objects[1].logits_hw)
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prompt_before_any_frame_and_outside_the_window(model):
+    p = StreamingPredictor(model, max_prompt_frames=3)
+    with pytest.raises(FrameNotAvailableError) as err:
+        p.add_points(1, [[5, 5]], [1])
+    assert str(err.value) == "no frame has been processed yet; prompt after the first frame arrives"
+    for f in range(5):
+        p.track(FRAMES[f], pts_s=f / 30)
+    assert p.prompt_frames == [2, 3, 4]
+    with pytest.raises(FrameNotAvailableError) as err:
+        p.add_points(1, [[5, 5]], [1], frame_idx=1)
+    assert str(err.value) == "frame 1 is older than the prompt window (frames 2..4, 2 s); prompt on a newer frame"
+    with pytest.raises(FrameNotAvailableError) as err:
+        p.add_points(1, [[5, 5]], [1], frame_idx=9)
+    assert str(err.value) == "frame 9 has not been processed yet (newest is 4)"
+    p.add_points(1, click(2), [1], frame_idx=2)  # inside the window: accepted
+    assert p.obj_ids == [1]
+
+
+def test_prompt_window_follows_source_time(model):
+    p = StreamingPredictor(model, prompt_window_s=0.1, max_prompt_frames=100)
+    for f in range(6):
+        p.track(FRAMES[f], pts_s=f * 0.04)
+    # frames whose pts is within 0.1 s of the newest (0.20 s): 0.12, 0.16, 0.20
+    assert p.prompt_frames == [3, 4, 5]
+
+
+def test_objects_added_removed_and_reset(model):
+    p = StreamingPredictor(model)
+    p.track(FRAMES[0])
+    p.add_points(1, click(0, 0), [1])
+    p.add_box(2, [60, 60, 90, 90])
+    r = p.track(FRAMES[1])
+    assert sorted(r.objects) == [1, 2]
+    assert r.frame_idx == 1 and (r.height, r.width) == (H, W)
+    obj = r.objects[1]
+    assert obj.mask_hw.shape == (H, W) and obj.mask_hw.dtype == bool
+    assert obj.mask_hw.sum() == obj.area
+    if obj.area:
+        x0, y0, x1, y1 = obj.box_xyxy
+        assert obj.mask_hw[y0 : y1 + 1, x0 : x1 + 1].sum() == obj.area
+    p.remove_object(1)
+    assert sorted(p.track(FRAMES[2]).objects) == [2]
+    p.reset()
+    assert p.track(FRAMES[3]).objects == {}
+    assert p.stored_entries()["cond"] == 0
+
+
+def test_mask_prompt_and_masks_at_source_resolution(model):
+    """A frame resized on decode still yields masks at the source size."""
+    import cv2
+
+    p = StreamingPredictor(model)
+    small = cv2.resize(FRAMES[0], (W // 2, H // 2))
+    p.track(small, source_size=(H, W))
+    mask = np.zeros((H, W), bool)
+    mask[30:60, 40:80] = True
+    r = p.add_mask(1, mask)
+    assert r.mask_hw.shape == (H, W)
+    out = p.track(cv2.resize(FRAMES[1], (W // 2, H // 2)), source_size=(H, W))
+    assert out.objects[1].mask_hw.shape == (H, W)
+
+
+def test_conditioning_frames_are_capped_first_prompt_kept(model):
+    p = StreamingPredictor(model, max_cond_frames=3)
+    for f in range(8):
+        p.track(FRAMES[f])
+        p.add_points(1, click(f), [1])
+    cond = p._objects[1].output_dict["cond_frame_outputs"]
+    assert sorted(cond) == [0, 6, 7]
+
+
+def test_timestamps_carried_through(model):
+    p = StreamingPredictor(model)
+    r = p.track(FRAMES[0], pts_s=1.5, arrival_s=100.0, source_index=42)
+    assert (r.pts_s, r.arrival_s, r.source_index) == (1.5, 100.0, 42)
+    assert r.processed_s is not None and r.processed_s >= 100.0
+
+
+BOUNDED_FRAMES = int(os.environ.get("SAM2_STREAM_BOUNDED_FRAMES", "2000"))
+
+
+def test_state_and_rss_stay_bounded_over_a_long_stream(model):
+    """2,000 frames at image_size 256: stored entries constant after warm-up,
+    RSS growth from frame 200 to the end under 5%."""
+    frames = moving_shapes(40, 64, 64)
+    p = StreamingPredictor(model, max_prompt_frames=30, max_cond_frames=3, return_logits=False)
+    p.track(frames[0], pts_s=0.0)
+    p.add_points(1, [[20, 20]], [1])
+    p.add_points(2, [[40, 40]], [1])
+    proc = psutil.Process()
+    entries = {}
+    rss_200 = None
+    for f in range(1, BOUNDED_FRAMES):
+        p.track(frames[f % len(frames)], pts_s=f / 30)
+        if f == 200:
+            rss_200 = proc.memory_info().rss
+        if f >= 100 and f % 50 == 0:
+            entries[f] = p.stored_entries()
+        if f % 300 == 0:  # a correction now and then adds conditioning frames (capped)
+            p.add_points(1, [[20, 20]], [1])
+    rss_end = proc.memory_info().rss
+    assert len({tuple(sorted(e.items())) for f, e in entries.items() if f >= 650}) == 1, entries
+    assert rss_200 is not None
+    growth = (rss_end - rss_200) / rss_200
+    assert growth < 0.05, f"RSS grew {growth:.1%} from frame 200 to {BOUNDED_FRAMES}"
