@@ -33,7 +33,7 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model() -> torch.nn.Module:
+def model(random_checkpoint: Path) -> torch.nn.Module:
     from tracker.model import build_model
 
-    return build_model("sam2.1-tiny", random_weights_seed=TEST_SEED, device="cpu", image_size=TEST_IMAGE_SIZE)
+    return build_model("sam2.1-tiny", checkpoint=random_checkpoint, device="cpu", image_size=TEST_IMAGE_SIZE)

@@ -22,22 +22,10 @@ from typing import Iterator
 
 import torch
 
+from tracker.checkpoints import CHECKPOINT_ALIASES, CHECKPOINTS, load_state_dict_file, resolve_checkpoint
 from tracker.errors import CheckpointMismatchError, ModelConfigError
 
 logger = logging.getLogger(__name__)
-
-#: short name -> config name inside the sam2 package (hydra search path "sam2")
-MODEL_CONFIGS: dict[str, str] = {
-    "sam2.1-tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
-    "sam2.1-small": "configs/sam2.1/sam2.1_hiera_s.yaml",
-    "sam2.1-base-plus": "configs/sam2.1/sam2.1_hiera_b+.yaml",
-    "sam2.1-large": "configs/sam2.1/sam2.1_hiera_l.yaml",
-    "sam2-tiny": "configs/sam2/sam2_hiera_t.yaml",
-    "sam2-small": "configs/sam2/sam2_hiera_s.yaml",
-    "sam2-base-plus": "configs/sam2/sam2_hiera_b+.yaml",
-    "sam2-large": "configs/sam2/sam2_hiera_l.yaml",
-}
-MODEL_ALIASES = {"sam2.1-b+": "sam2.1-base-plus", "sam2-b+": "sam2-base-plus"}
 
 #: the same post-processing overrides as sam2.build_sam.build_sam2_video_predictor
 _VIDEO_OVERRIDES = [
@@ -62,14 +50,19 @@ class ModelSpec:
 
 
 def canonical_model_name(name: str) -> str:
-    return MODEL_ALIASES.get(name, name)
+    return CHECKPOINT_ALIASES.get(name, name)
+
+
+def model_names() -> list[str]:
+    """Short names of the official models (the checkpoint registry's names)."""
+    return list(CHECKPOINTS)
 
 
 def resolve_config(model: str) -> str:
     """Map a short name or a config path to a config name hydra can compose."""
     name = canonical_model_name(model)
-    if name in MODEL_CONFIGS:
-        return MODEL_CONFIGS[name]
+    if name in CHECKPOINTS:
+        return CHECKPOINTS[name].config
     if model.endswith(".yaml"):
         import sam2
 
@@ -83,10 +76,10 @@ def resolve_config(model: str) -> str:
             return "//" + str(Path(model).resolve())
         raise ModelConfigError(
             f"model config {model!r} not found inside the sam2 package or on disk; "
-            f"use one of {', '.join(MODEL_CONFIGS)}"
+            f"use one of {', '.join(CHECKPOINTS)}"
         )
     raise ModelConfigError(
-        f"unknown model {model!r}; use one of {', '.join(MODEL_CONFIGS)} or a sam2 config path"
+        f"unknown model {model!r}; use one of {', '.join(CHECKPOINTS)} or a sam2 config path"
     )
 
 
@@ -216,8 +209,6 @@ def build_model(
         )
     else:
         if checkpoint is None:
-            from tracker.checkpoints import resolve_checkpoint
-
             checkpoint = resolve_checkpoint(canonical_model_name(model), download=download)
         load_weights(net, checkpoint, model_name=model)
 
@@ -246,8 +237,6 @@ def _make_random_weights_visible(net: torch.nn.Module, seed: int) -> None:
 
 def load_weights(net: torch.nn.Module, checkpoint: str | os.PathLike, *, model_name: str = "") -> None:
     """Load Meta-format weights into ``net``; refuse anything that does not fit exactly."""
-    from tracker.checkpoints import load_state_dict_file
-
     path = Path(checkpoint)
     state_dict = load_state_dict_file(path)
     own = net.state_dict()
