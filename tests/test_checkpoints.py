@@ -167,14 +167,6 @@ def test_registry_matches_meta_urls_and_sam2_configs() -> None:
     assert checkpoint_info("sam2-b+") is CHECKPOINTS["sam2-base-plus"]
 
 
-def test_registry_agrees_with_model_configs() -> None:
-    model = pytest.importorskip("tracker.model")
-    configs = getattr(model, "MODEL_CONFIGS", None)
-    if configs is None:
-        pytest.skip("tracker.model has no MODEL_CONFIGS")
-    assert {name: CHECKPOINTS[name].config for name in configs} == configs
-
-
 def test_unknown_name_says_what_exists() -> None:
     with pytest.raises(CheckpointError) as e:
         checkpoint_info("sam3-huge")
