@@ -18,6 +18,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from tracker.errors import MaskError
 from tracker.masks import (
     davis_palette,
     decode_label_png,
@@ -138,13 +139,13 @@ def test_numeric_masks_are_read_as_positive() -> None:
 )
 def test_malformed_rle_is_refused(rle: dict, message: str) -> None:
     """pycocotools would read past (or short of) its buffer on these; we refuse first."""
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         decode_rle(rle)
     assert str(e.value).startswith(message)
 
 
 def test_masks_must_be_2d() -> None:
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         encode_rle(np.zeros((1, 4, 4), bool))
     assert str(e.value) == "mask_hw must be a 2-D (H, W) mask, got an array of shape (1, 4, 4)"
 
@@ -209,10 +210,10 @@ def test_decode_png_reads_other_mask_styles() -> None:
 def test_decode_png_refuses_other_data() -> None:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(buf, format="JPEG")
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         decode_png(buf.getvalue())
     assert str(e.value) == "not a PNG image (the data does not start with the PNG signature)"
-    with pytest.raises(ValueError, match="^cannot read the PNG image: "):
+    with pytest.raises(MaskError, match="^cannot read the PNG image: "):
         decode_png(encode_png(CASES["random"])[:40])
 
 
@@ -258,15 +259,15 @@ def test_label_png_custom_palette_and_errors() -> None:
         [10, 20, 30],
     ]
     assert np.array_equal(decode_label_png(data), label)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         encode_label_png(label, palette="voc2012")
     assert str(e.value) == "unknown palette 'voc2012'; use 'davis' or an (N, 3) array of RGB colours"
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         encode_label_png(np.array([[0, 300]]))
     assert str(e.value) == "label_hw must hold integer object ids 0..255, got dtype int64"
     buf = io.BytesIO()
     Image.fromarray(np.full((2, 3, 3), 7, np.uint8)).save(buf, format="PNG")
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         decode_label_png(buf.getvalue())
     assert str(e.value) == (
         "RGB label PNG has colour (7, 7, 7) at (x=0, y=0) that is not in the DAVIS palette; "
@@ -292,10 +293,10 @@ def test_masks_to_label_map_later_ids_overwrite() -> None:
 
 
 def test_masks_to_label_map_errors() -> None:
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         masks_to_label_map({0: np.ones((2, 2), bool)}, 2, 2)
     assert str(e.value) == "object id 0 cannot be stored in a uint8 label map; use ids 1..255"
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         masks_to_label_map({3: np.ones((2, 3), bool)}, 2, 2)
     assert str(e.value) == "mask of object 3 has shape (2, 3), expected (2, 2)"
 
@@ -332,7 +333,7 @@ def test_polygons_keep_small_parts_and_fill_holes() -> None:
 
 
 def test_polygon_errors() -> None:
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         polygons_to_mask([[1.0, 2.0, 3.0, 4.0]], 5, 5)
     assert str(e.value) == "polygon 0 has 4 coordinates; a polygon needs at least 3 points as [x0, y0, x1, y1, ...]"
 

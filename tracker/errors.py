@@ -11,6 +11,7 @@ serving everyone else::
     ├── PromptError            bad points/boxes/masks, unknown object ids, stale frames
     │   └── FrameNotAvailableError    prompt names a frame outside the prompt window
     ├── FrameError             wrong frame shape / dtype handed to the predictor
+    ├── MaskError              a mask or RLE that cannot be encoded / decoded
     └── SourceError            ingest: a source cannot be opened or read
         ├── SourceNotFoundError       file / device does not exist
         ├── SourceUnsupportedError    no decoder / container / no video stream
@@ -49,6 +50,10 @@ class FrameNotAvailableError(PromptError):
 
 class FrameError(TrackerError, ValueError):
     """A frame handed to the predictor has the wrong shape, dtype or size."""
+
+
+class MaskError(TrackerError, ValueError):
+    """A mask, RLE or label image is malformed (wrong shape, bad counts, bad ids)."""
 
 
 class SourceError(TrackerError):

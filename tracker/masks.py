@@ -12,7 +12,7 @@ Exactness: RLE and PNG round-trip exactly. Polygons do not: COCO polygons cannot
 hold holes (they are filled) and ``tolerance_px`` simplifies outlines; use RLE
 where exact masks matter.
 
-Malformed input raises ``ValueError`` with what was expected.
+Malformed input raises :class:`tracker.errors.MaskError` (a ``ValueError``) saying what was expected.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
+
+from tracker.errors import MaskError
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -43,11 +45,11 @@ def _as_mask_hw(mask_hw: Any, name: str = "mask_hw") -> np.ndarray:
     """A bool (H, W) array from bool, integer or float input (numeric: ``> 0``)."""
     arr = np.asarray(mask_hw)
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (H, W) mask, got an array of shape {arr.shape}")
+        raise MaskError(f"{name} must be a 2-D (H, W) mask, got an array of shape {arr.shape}")
     if arr.dtype == np.bool_:
         return arr
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"{name} must be bool or numeric (read as > 0), got dtype {arr.dtype}")
+        raise MaskError(f"{name} must be bool or numeric (read as > 0), got dtype {arr.dtype}")
     return arr > 0
 
 
@@ -64,21 +66,21 @@ def _counts_from_string(counts: str) -> np.ndarray:
     try:
         raw = counts.encode("ascii")
     except UnicodeEncodeError as e:
-        raise ValueError(f"RLE counts string has an invalid character {counts[e.start]!r} at {e.start}") from None
+        raise MaskError(f"RLE counts string has an invalid character {counts[e.start]!r} at {e.start}") from None
     digits = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
     if digits.size == 0:
         return np.zeros(0, dtype=np.int64)
     bad = np.flatnonzero((digits < 0) | (digits >= 64))
     if bad.size:
-        raise ValueError(f"RLE counts string has an invalid character {counts[bad[0]]!r} at {bad[0]}")
+        raise MaskError(f"RLE counts string has an invalid character {counts[bad[0]]!r} at {bad[0]}")
     more = (digits & 0x20) != 0
     if more[-1]:
-        raise ValueError("RLE counts string ends in the middle of a number")
+        raise MaskError("RLE counts string ends in the middle of a number")
     ends = np.flatnonzero(~more)
     starts = np.concatenate(([0], ends[:-1] + 1))
     n_digits = ends - starts + 1
     if n_digits.max() > 7:  # 35 bits: more than any run pycocotools (uint32) can hold
-        raise ValueError("RLE counts string holds a number too large for a mask")
+        raise MaskError("RLE counts string holds a number too large for a mask")
     position = np.arange(digits.size) - np.repeat(starts, n_digits)
     values = np.add.reduceat((digits & 0x1F) << (5 * position), starts)
     negative = (digits[ends] & 0x10) != 0
@@ -92,14 +94,14 @@ def _counts_from_string(counts: str) -> np.ndarray:
 def _parse_rle(rle: Mapping[str, Any]) -> tuple[int, int, np.ndarray]:
     """Validate an RLE (compressed or uncompressed counts) and return ``(h, w, runs)``."""
     if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
-        raise ValueError("an RLE must be a dict with 'size' [h, w] and 'counts'")
+        raise MaskError("an RLE must be a dict with 'size' [h, w] and 'counts'")
     size = rle["size"]
     if (
         not isinstance(size, Sequence)
         or len(size) != 2
         or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in size)
     ):
-        raise ValueError(f"RLE 'size' must be [h, w] with non-negative integers, got {size!r}")
+        raise MaskError(f"RLE 'size' must be [h, w] with non-negative integers, got {size!r}")
     h, w = int(size[0]), int(size[1])
     counts = rle["counts"]
     if isinstance(counts, (bytes, bytearray)):
@@ -109,10 +111,10 @@ def _parse_rle(rle: Mapping[str, Any]) -> tuple[int, int, np.ndarray]:
     elif isinstance(counts, Sequence) and all(isinstance(v, (int, np.integer)) for v in counts):
         runs = np.array([int(v) for v in counts], dtype=np.int64)
     else:
-        raise ValueError("RLE 'counts' must be a COCO counts string or a list of run lengths")
+        raise MaskError("RLE 'counts' must be a COCO counts string or a list of run lengths")
     total = int(runs.sum())
     if (runs < 0).any() or total != h * w:
-        raise ValueError(
+        raise MaskError(
             f"RLE runs do not cover the mask: they sum to {total} (or are negative) but size {h}x{w} "
             f"has {h * w} pixels"
         )
@@ -192,12 +194,12 @@ def mask_box_xyxy(mask_hw: Any) -> tuple[int, int, int, int] | None:
 
 def _open_png(data: bytes) -> Image.Image:
     if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:8]) != _PNG_SIGNATURE:
-        raise ValueError("not a PNG image (the data does not start with the PNG signature)")
+        raise MaskError("not a PNG image (the data does not start with the PNG signature)")
     try:
         image = Image.open(io.BytesIO(bytes(data)))
         image.load()
     except Exception as e:  # PIL raises several types for damaged files
-        raise ValueError(f"cannot read the PNG image: {e}") from e
+        raise MaskError(f"cannot read the PNG image: {e}") from e
     return image
 
 
@@ -221,7 +223,7 @@ def decode_png(data: bytes) -> np.ndarray:
         channels = arr[..., :3] if image.mode != "LA" else arr[..., :1]
         return np.any(channels != 0, axis=-1)
     if arr.ndim != 2:
-        raise ValueError(f"unsupported PNG mode {image.mode!r} for a mask")
+        raise MaskError(f"unsupported PNG mode {image.mode!r} for a mask")
     return arr != 0
 
 
@@ -241,15 +243,15 @@ def davis_palette() -> np.ndarray:
 def _palette_rgb(palette: str | Any) -> np.ndarray:
     if isinstance(palette, str):
         if palette != "davis":
-            raise ValueError(f"unknown palette {palette!r}; use 'davis' or an (N, 3) array of RGB colours")
+            raise MaskError(f"unknown palette {palette!r}; use 'davis' or an (N, 3) array of RGB colours")
         return davis_palette()
     arr = np.asarray(palette)
     if arr.ndim == 1 and arr.size % 3 == 0:
         arr = arr.reshape(-1, 3)
     if arr.ndim != 2 or arr.shape[1] != 3 or not 1 <= arr.shape[0] <= 256:
-        raise ValueError(f"a palette must be 1..256 RGB colours, shape (N, 3); got shape {arr.shape}")
+        raise MaskError(f"a palette must be 1..256 RGB colours, shape (N, 3); got shape {arr.shape}")
     if arr.min() < 0 or arr.max() > 255:
-        raise ValueError("palette colours must be in 0..255")
+        raise MaskError("palette colours must be in 0..255")
     return arr.astype(np.uint8)
 
 
@@ -261,10 +263,10 @@ def encode_label_png(label_hw: Any, palette: str | Any = "davis") -> bytes:
     """
     label = np.asarray(label_hw)
     if label.ndim != 2:
-        raise ValueError(f"label_hw must be a 2-D (H, W) label map, got an array of shape {label.shape}")
+        raise MaskError(f"label_hw must be a 2-D (H, W) label map, got an array of shape {label.shape}")
     if label.dtype != np.uint8:
         if not np.issubdtype(label.dtype, np.integer) or (label.size and (label.min() < 0 or label.max() > 255)):
-            raise ValueError(f"label_hw must hold integer object ids 0..255, got dtype {label.dtype}")
+            raise MaskError(f"label_hw must hold integer object ids 0..255, got dtype {label.dtype}")
         label = label.astype(np.uint8)
     rgb = _palette_rgb(palette)
     image = Image.fromarray(np.ascontiguousarray(label))
@@ -295,12 +297,12 @@ def decode_label_png(data: bytes) -> np.ndarray:
         found = pal_keys[order][pos] == keys
         if not found.all():
             y, x = np.argwhere(~found)[0]
-            raise ValueError(
+            raise MaskError(
                 f"RGB label PNG has colour {tuple(int(v) for v in rgb[y, x])} at (x={x}, y={y}) that is not in "
                 "the DAVIS palette; save label maps as indexed PNGs"
             )
         return order[pos].astype(np.uint8)
-    raise ValueError(f"unsupported PNG mode {image.mode!r} for a label map; save it as an indexed (palette) PNG")
+    raise MaskError(f"unsupported PNG mode {image.mode!r} for a label map; save it as an indexed (palette) PNG")
 
 
 # --- label maps ---------------------------------------------------------------------
@@ -317,10 +319,10 @@ def masks_to_label_map(masks: Mapping[int, Any], h: int, w: int) -> np.ndarray:
     label = np.zeros((h, w), dtype=np.uint8)
     for obj_id in sorted(masks):
         if not isinstance(obj_id, (int, np.integer)) or not 1 <= obj_id <= 255:
-            raise ValueError(f"object id {obj_id!r} cannot be stored in a uint8 label map; use ids 1..255")
+            raise MaskError(f"object id {obj_id!r} cannot be stored in a uint8 label map; use ids 1..255")
         mask = _as_mask_hw(masks[obj_id], name=f"mask of object {obj_id}")
         if mask.shape != (h, w):
-            raise ValueError(f"mask of object {obj_id} has shape {mask.shape}, expected ({h}, {w})")
+            raise MaskError(f"mask of object {obj_id} has shape {mask.shape}, expected ({h}, {w})")
         label[mask] = obj_id
     return label
 
@@ -329,7 +331,7 @@ def label_map_to_masks(label_hw: Any) -> dict[int, np.ndarray]:
     """Split a label map into ``{obj_id: bool (H, W) mask}`` for each non-zero id present."""
     label = np.asarray(label_hw)
     if label.ndim != 2:
-        raise ValueError(f"label_hw must be a 2-D (H, W) label map, got an array of shape {label.shape}")
+        raise MaskError(f"label_hw must be a 2-D (H, W) label map, got an array of shape {label.shape}")
     return {int(k): label == k for k in np.unique(label) if k != 0}
 
 
@@ -351,7 +353,7 @@ def mask_to_polygons(mask_hw: Any, tolerance_px: float = 1.0) -> list[list[float
     """
     mask = _as_mask_hw(mask_hw)
     if tolerance_px < 0:
-        raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}")
+        raise MaskError(f"tolerance_px must be >= 0, got {tolerance_px}")
     cols = np.flatnonzero(mask.any(axis=0))
     rows = np.flatnonzero(mask.any(axis=1))
     if cols.size == 0:
@@ -379,7 +381,7 @@ def polygons_to_mask(polygons: Sequence[Sequence[float]], h: int, w: int) -> np.
     polys = [list(map(float, p)) for p in polygons]
     for i, p in enumerate(polys):
         if len(p) < 6 or len(p) % 2:
-            raise ValueError(
+            raise MaskError(
                 f"polygon {i} has {len(p)} coordinates; a polygon needs at least 3 points as [x0, y0, x1, y1, ...]"
             )
     if not polys:

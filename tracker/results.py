@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tracker.masks import mask_box_xyxy  # noqa: F401  (re-exported for result consumers)
+
 
 @dataclass
 class ObjectResult:
@@ -51,12 +53,3 @@ class FrameResult:
     @property
     def obj_ids(self) -> list[int]:
         return list(self.objects)
-
-
-def mask_box_xyxy(mask_hw: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Tight inclusive box of a boolean mask, or None for an empty mask."""
-    rows = np.flatnonzero(mask_hw.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask_hw.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
