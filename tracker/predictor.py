@@ -77,6 +77,8 @@ class _ObjectState:
     # newest frame tracking has passed for this object: prompts on frames in
     # [first_frame_idx, tracked_upto] are corrections (Meta: frames_tracked_per_obj)
     tracked_upto: int = -1
+    # non-cond outputs right after the first prompt kept for a later backward pass
+    keep_after_first: int = 0
 
     def output_on(self, frame_idx: int) -> dict[str, Any] | None:
         out = self.output_dict["cond_frame_outputs"].get(frame_idx)
@@ -142,6 +144,9 @@ class StreamingPredictor:
         self.batch_objects = (self.device.type == "cuda") if batch_objects is None else batch_objects
         self.return_logits = return_logits
         self.resize = resize
+        #: frame count handed to SAM 2; a stream has none (see module docstring),
+        #: an offline video sets its real count to match Meta's pointer window
+        self.num_frames = _STREAM_NUM_FRAMES
         # SAM 2 looks back this many frames for memories / object pointers
         stride = int(getattr(model, "memory_temporal_stride_for_eval", 1))
         self._lookback = max(int(model.max_obj_ptrs_in_encoder), stride * int(model.num_maskmem)) + 1
@@ -198,22 +203,58 @@ class StreamingPredictor:
                 decode; masks and prompt coordinates use it. Default: image size.
         """
         with self._lock:
+            frame_idx = self._next_frame_idx
+            self.encode(
+                frame_idx, image_rgb, pts_s=pts_s, arrival_s=arrival_s, source_index=source_index, source_size=source_size
+            )
+            return self.propagate(frame_idx)
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        frame_idx: int,
+        image_rgb: np.ndarray | torch.Tensor,
+        *,
+        pts_s: float | None = None,
+        arrival_s: float | None = None,
+        source_index: int | None = None,
+        source_size: tuple[int, int] | None = None,
+    ) -> None:
+        """Run the image encoder on a frame and keep its features under ``frame_idx``.
+
+        ``track`` does this for the next frame of a stream; offline users (the
+        annotator) place frames at their own indices, in any order.
+        """
+        with self._lock:
             img = self._preprocess(image_rgb)
             h, w = source_size if source_size is not None else tuple(image_rgb.shape[:2])
-            frame_idx = self._next_frame_idx
             with autocast_context(self.device):
                 backbone_out = self.model.forward_image(img)
             self._remember_frame(frame_idx, backbone_out, (int(h), int(w)), pts_s, arrival_s, source_index)
-            self._next_frame_idx += 1
+            self._next_frame_idx = max(self._next_frame_idx, frame_idx + 1)
             self.stats.frames += 1
+
+    @torch.inference_mode()
+    def propagate(self, frame_idx: int, *, reverse: bool = False, obj_ids: Sequence[int] | None = None) -> FrameResult:
+        """Track objects on an encoded frame from their memories and return the masks.
+
+        Objects with a prompt (a conditioning frame) on ``frame_idx`` keep the
+        prompted output, as ``SAM2VideoPredictor.propagate_in_video`` does.
+        ``reverse`` tracks backwards in time (memories from later frames).
+        """
+        with self._lock:
+            if frame_idx not in self._frames:
+                raise FrameNotAvailableError(f"frame {frame_idx} has not been encoded")
             self._consolidate_pending()
-            tracked = [o for o in self._objects.values() if o.last_frame_idx < frame_idx]
-            outputs = self._track_objects(frame_idx, tracked)
+            objs = [self._objects[i] for i in obj_ids] if obj_ids is not None else list(self._objects.values())
+            tracked = [o for o in objs if frame_idx not in o.output_dict["cond_frame_outputs"]]
+            outputs = self._track_objects(frame_idx, tracked, reverse=reverse)
             for obj, out in zip(tracked, outputs):
                 self._store_output(obj, frame_idx, out, is_cond=False)
-                obj.tracked_upto = frame_idx
-            self._prune(frame_idx)
-            return self._frame_result(frame_idx, {o.obj_id: o for o in tracked})
+                if not reverse:
+                    obj.tracked_upto = max(obj.tracked_upto, frame_idx)
+            self._prune(frame_idx, reverse=reverse)
+            return self._frame_result(frame_idx, {o.obj_id: o for o in objs})
 
     @torch.inference_mode()
     def add_prompt(
@@ -505,6 +546,7 @@ class StreamingPredictor:
         run_mem_encoder: bool,
         prev_sam_mask_logits: torch.Tensor | None = None,
         output_dict: dict[str, dict[int, dict[str, Any]]] | None = None,
+        reverse: bool = False,
     ) -> dict[str, Any]:
         """One ``track_step`` for ``objs`` (batched) on a buffered frame; returns
         the compact output. Mirrors ``SAM2VideoPredictor._run_single_frame_inference``."""
@@ -519,8 +561,8 @@ class StreamingPredictor:
                 point_inputs=point_inputs,
                 mask_inputs=mask_inputs,
                 output_dict=output_dict if output_dict is not None else objs[0].output_dict,
-                num_frames=_STREAM_NUM_FRAMES,
-                track_in_reverse=False,
+                num_frames=self.num_frames,
+                track_in_reverse=reverse,
                 run_mem_encoder=run_mem_encoder,
                 prev_sam_mask_logits=prev_sam_mask_logits,
             )
@@ -545,7 +587,7 @@ class StreamingPredictor:
         if self._maskmem_pos_enc is None and maskmem_pos_enc is not None:
             self._maskmem_pos_enc = [x[0:1].clone() for x in maskmem_pos_enc]
 
-    def _track_objects(self, frame_idx: int, objs: list[_ObjectState]) -> list[dict[str, Any]]:
+    def _track_objects(self, frame_idx: int, objs: list[_ObjectState], *, reverse: bool = False) -> list[dict[str, Any]]:
         """Track ``objs`` on ``frame_idx`` (a non-conditioning frame for all of them)."""
         if not objs:
             return []
@@ -554,7 +596,7 @@ class StreamingPredictor:
         if self.batch_objects and len(objs) > 1:
             by_layout: dict[tuple, list[int]] = {}
             for i, obj in enumerate(objs):
-                by_layout.setdefault(self._memory_layout(obj, frame_idx), []).append(i)
+                by_layout.setdefault(self._memory_layout(obj, frame_idx, reverse), []).append(i)
             groups = list(by_layout.values())
         else:
             groups = [[i] for i in range(len(objs))]
@@ -568,27 +610,34 @@ class StreamingPredictor:
                 point_inputs=None,
                 mask_inputs=None,
                 run_mem_encoder=True,
-                output_dict=self._batched_output_dict(members, frame_idx) if len(members) > 1 else None,
+                output_dict=self._batched_output_dict(members, frame_idx, reverse) if len(members) > 1 else None,
+                reverse=reverse,
             )
             for k, i in enumerate(group):
                 results[i] = {key: (v[k : k + 1] if v is not None else None) for key, v in out.items()}
         return results  # type: ignore[return-value]
 
-    def _memory_layout(self, obj: _ObjectState, frame_idx: int) -> tuple:
+    def _reach(self, frame_idx: int, reverse: bool) -> tuple[int, int]:
+        """Frames whose non-conditioning outputs SAM 2 may read when tracking ``frame_idx``."""
+        return (frame_idx, frame_idx + self._lookback) if reverse else (frame_idx - self._lookback, frame_idx)
+
+    def _memory_layout(self, obj: _ObjectState, frame_idx: int, reverse: bool = False) -> tuple:
         """Objects whose memories sit on the same frames can share one batch."""
-        lo = frame_idx - self._lookback
+        lo, hi = self._reach(frame_idx, reverse)
         cond = tuple(sorted(obj.output_dict["cond_frame_outputs"]))
-        non_cond = tuple(sorted(t for t in obj.output_dict["non_cond_frame_outputs"] if t >= lo))
+        non_cond = tuple(sorted(t for t in obj.output_dict["non_cond_frame_outputs"] if lo <= t <= hi))
         return cond, non_cond
 
-    def _batched_output_dict(self, objs: list[_ObjectState], frame_idx: int) -> dict[str, dict[int, dict[str, Any]]]:
+    def _batched_output_dict(
+        self, objs: list[_ObjectState], frame_idx: int, reverse: bool = False
+    ) -> dict[str, dict[int, dict[str, Any]]]:
         """Stack the objects' memories frame by frame (same layout, see _memory_layout)."""
-        lo = frame_idx - self._lookback
+        lo, hi = self._reach(frame_idx, reverse)
         merged: dict[str, dict[int, dict[str, Any]]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         for key in merged:
             first = objs[0].output_dict[key]
             for t in first:
-                if key == "non_cond_frame_outputs" and t < lo:
+                if key == "non_cond_frame_outputs" and not lo <= t <= hi:
                     continue
                 outs = [o.output_dict[key][t] for o in objs]
                 merged[key][t] = {
@@ -659,13 +708,24 @@ class StreamingPredictor:
             if t not in keep:
                 del cond[t]
 
-    def _prune(self, frame_idx: int) -> None:
-        """Drop outputs SAM 2 can no longer attend to and the prompt window no longer needs."""
-        oldest_prompt_frame = next(iter(self._frames)) if self._frames else frame_idx
-        lo = min(frame_idx, oldest_prompt_frame) - self._lookback
+    def _prune(self, frame_idx: int, reverse: bool = False) -> None:
+        """Drop outputs SAM 2 can no longer attend to and the prompt window no longer needs.
+
+        Outputs just after an object's first prompt are kept (``keep_after_first``
+        frames): tracking backwards from that prompt reads them, as Meta's
+        reverse propagation does.
+        """
+        oldest_prompt_frame = min(self._frames) if self._frames else frame_idx
         for obj in self._objects.values():
             non_cond = obj.output_dict["non_cond_frame_outputs"]
-            for t in [t for t in non_cond if t < lo]:
+            if reverse:
+                hi = frame_idx + self._lookback
+                stale = [t for t in non_cond if t > hi]
+            else:
+                lo = min(frame_idx, oldest_prompt_frame) - self._lookback
+                keep_hi = obj.first_frame_idx + obj.keep_after_first
+                stale = [t for t in non_cond if t < lo and not (obj.first_frame_idx < t <= keep_hi)]
+            for t in stale:
                 del non_cond[t]
             for t in [t for t in obj.point_inputs if t < oldest_prompt_frame]:
                 del obj.point_inputs[t]
