@@ -116,6 +116,8 @@ class StreamingPredictor:
         return_logits: also hand out float mask logits at the source resolution.
         resize: ``"pil"`` resizes frames exactly as Meta's JPEG loader does
             (PIL bicubic); ``"cv2"`` is faster (OpenCV area/linear).
+        keep_for_reverse: keep the outputs just after each object's first
+            prompt, which tracking backwards from that prompt reads (offline).
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class StreamingPredictor:
         batch_objects: bool | None = None,
         return_logits: bool = True,
         resize: str = "pil",
+        keep_for_reverse: bool = False,
     ) -> None:
         if max_cond_frames < 2:
             raise ValueError("max_cond_frames must be at least 2 (the first prompt and the latest)")
@@ -144,6 +147,7 @@ class StreamingPredictor:
         self.batch_objects = (self.device.type == "cuda") if batch_objects is None else batch_objects
         self.return_logits = return_logits
         self.resize = resize
+        self.keep_for_reverse = keep_for_reverse
         #: frame count handed to SAM 2; a stream has none (see module docstring),
         #: an offline video sets its real count to match Meta's pointer window
         self.num_frames = _STREAM_NUM_FRAMES
@@ -285,7 +289,9 @@ class StreamingPredictor:
             obj = self._objects.get(obj_id)
             is_new = obj is None
             if obj is None:
-                obj = _ObjectState(obj_id=obj_id, first_frame_idx=frame_idx)
+                obj = _ObjectState(
+                    obj_id=obj_id, first_frame_idx=frame_idx, keep_after_first=self._lookback if self.keep_for_reverse else 0
+                )
             if point_inputs is not None and not clear_old_points:
                 old = obj.point_inputs.get(frame_idx)
                 if old is not None:
@@ -351,6 +357,50 @@ class StreamingPredictor:
     def add_mask(self, obj_id: int, mask_hw: np.ndarray, *, frame_idx: int | None = None) -> ObjectResult:
         return self.add_prompt(obj_id, mask_hw=mask_hw, frame_idx=frame_idx)
 
+    def finalize_prompts(self) -> None:
+        """Encode the memories of prompted frames now (else done before the next
+        tracking step). Offline users call it while the prompted frame's features
+        are still held; mirrors ``propagate_in_video_preflight``."""
+        with self._lock, torch.inference_mode():
+            self._consolidate_pending()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracking state (bounded: memories, pointers, prompts), without frame
+        features; with :meth:`load_state_dict` a run can stop and resume exactly."""
+        with self._lock:
+            self.finalize_prompts()
+            return {
+                "objects": {
+                    obj_id: {
+                        "output_dict": o.output_dict,
+                        "point_inputs": o.point_inputs,
+                        "first_frame_idx": o.first_frame_idx,
+                        "last_frame_idx": o.last_frame_idx,
+                        "tracked_upto": o.tracked_upto,
+                        "keep_after_first": o.keep_after_first,
+                    }
+                    for obj_id, o in self._objects.items()
+                },
+                "maskmem_pos_enc": self._maskmem_pos_enc,
+                "vision_pos_enc": self._vision_pos_enc,
+                "next_frame_idx": self._next_frame_idx,
+                "num_frames": self.num_frames,
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            self._objects = {int(k): _ObjectState(obj_id=int(k), **v) for k, v in state["objects"].items()}
+            self._maskmem_pos_enc = state["maskmem_pos_enc"]
+            self._vision_pos_enc = state["vision_pos_enc"]
+            self._next_frame_idx = int(state["next_frame_idx"])
+            self.num_frames = int(state["num_frames"])
+            for obj in self._objects.values():
+                for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
+                    for out in obj.output_dict[key].values():
+                        out["maskmem_pos_enc"] = self._maskmem_pos_enc
+            self._frames.clear()
+            self._pending.clear()
+
     def remove_object(self, obj_id: int) -> None:
         with self._lock:
             if obj_id not in self._objects:
@@ -370,8 +420,12 @@ class StreamingPredictor:
 
     # ------------------------------------------------------------------ frames
 
-    def _preprocess(self, image_rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """HxWx3 uint8 RGB → 1x3xSxS normalised, as Meta's ``load_video_frames`` does."""
+    def prepare(self, image_rgb: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Check a frame and resize it to the model's S x S (uint8 RGB).
+
+        Split from the rest of preprocessing so offline users can keep frames at
+        model size (a few hundred KiB each) instead of decoded size.
+        """
         if isinstance(image_rgb, torch.Tensor):
             image_rgb = image_rgb.detach().cpu().numpy()
         if not isinstance(image_rgb, np.ndarray):
@@ -385,14 +439,17 @@ class StreamingPredictor:
             raise FrameError(f"frame is empty: shape {tuple(image_rgb.shape)}")
         s = self.image_size
         if (h, w) == (s, s):
-            resized = np.array(image_rgb)
-        elif self.resize == "pil":
-            resized = np.array(Image.fromarray(np.ascontiguousarray(image_rgb)).resize((s, s)))
-        else:
-            import cv2
+            return np.array(image_rgb)
+        if self.resize == "pil":
+            return np.array(Image.fromarray(np.ascontiguousarray(image_rgb)).resize((s, s)))
+        import cv2
 
-            interp = cv2.INTER_AREA if (h > s or w > s) else cv2.INTER_LINEAR
-            resized = cv2.resize(image_rgb, (s, s), interpolation=interp)
+        interp = cv2.INTER_AREA if (h > s or w > s) else cv2.INTER_LINEAR
+        return cv2.resize(image_rgb, (s, s), interpolation=interp)
+
+    def _preprocess(self, image_rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """HxWx3 uint8 RGB → 1x3xSxS normalised, as Meta's ``load_video_frames`` does."""
+        resized = self.prepare(image_rgb)
         img = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).float() / 255.0
         img -= self._mean
         img /= self._std

@@ -1,0 +1,419 @@
+"""Offline annotation: prompts on any frames of a video → masks on every frame.
+
+The annotator's job, as Meta's ``SAM2VideoPredictor`` does it (all prompts given
+first, each a conditioning frame; propagate forward, then backward to frame 0)
+but memory-safe on long videos:
+
+* frames are decoded on the fly (the ingest layer's file mode decodes ahead on a
+  thread); only frames before the last object's first prompt are kept, at the
+  model's size, in a disk-backed array, for the backward pass;
+* the per-object state is the streaming predictor's bounded state;
+* results go to the caller frame by frame (an iterator), typically straight to
+  the export writers (``tracker.export``);
+* the state is checkpointed every few frames, so ``resume=True`` continues a
+  killed run exactly where its last checkpoint left it.
+
+Each object is propagated forward from its first prompt and backward from it to
+frame 0. For objects sharing their first prompted frame this is exactly Meta's
+``propagate_in_video`` then ``propagate_in_video(reverse=True)``; objects first
+prompted on different frames are tracked independently (SAM 2.1 tracks objects
+independently anyway), never on frames before their first prompt in the
+forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from tracker.errors import PromptError, SourceError, TrackerError
+from tracker.predictor import StreamingPredictor
+from tracker.results import FrameResult, ObjectResult
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "annotate_state.pt"
+
+
+@dataclass
+class Prompt:
+    """One prompt of the prompts file: an object on a frame, by points, box or mask."""
+
+    obj_id: int
+    frame_idx: int
+    points_xy: list[list[float]] | None = None
+    labels: list[int] | None = None
+    box_xyxy: list[float] | None = None
+    mask_path: Path | None = None
+
+
+def load_prompts(path: str | os.PathLike) -> list[Prompt]:
+    """Read a prompts file (see ``samples/prompts.json`` and the README).
+
+    ``{"prompts": [{"obj_id": 1, "frame": 0, "points": [[x, y]], "labels": [1]},
+    {"obj_id": 2, "frame": 12, "box": [x0, y0, x1, y1]}, {"obj_id": 3, "frame": 0,
+    "mask": "masks/obj3.png"}]}``; a bare list works too. Mask paths are relative
+    to the prompts file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PromptError(f"prompts file {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise PromptError(f"prompts file {path} is not valid JSON: {e}") from None
+    items = data.get("prompts") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise PromptError(f"prompts file {path} has no prompts: expected {{\"prompts\": [...]}} with at least one entry")
+    prompts = []
+    for i, item in enumerate(items):
+        where = f"prompts file {path}, prompt {i}"
+        if not isinstance(item, dict):
+            raise PromptError(f"{where}: expected an object, got {type(item).__name__}")
+        unknown = set(item) - {"obj_id", "frame", "points", "labels", "box", "mask"}
+        if unknown:
+            raise PromptError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        try:
+            obj_id, frame = item["obj_id"], item.get("frame", 0)
+        except KeyError:
+            raise PromptError(f"{where}: missing obj_id") from None
+        if not isinstance(obj_id, int) or isinstance(obj_id, bool) or obj_id < 1:
+            raise PromptError(f"{where}: obj_id must be a positive integer, got {obj_id!r}")
+        if not isinstance(frame, int) or isinstance(frame, bool) or frame < 0:
+            raise PromptError(f"{where}: frame must be a non-negative integer, got {frame!r}")
+        points, labels = item.get("points"), item.get("labels")
+        if points is not None and labels is None:
+            labels = [1] * len(points)
+        mask = item.get("mask")
+        if points is None and item.get("box") is None and mask is None:
+            raise PromptError(f"{where}: needs points, a box or a mask")
+        prompts.append(
+            Prompt(
+                obj_id=obj_id,
+                frame_idx=frame,
+                points_xy=points,
+                labels=labels,
+                box_xyxy=item.get("box"),
+                mask_path=(path.parent / mask) if mask is not None else None,
+            )
+        )
+    return prompts
+
+
+def _read_mask(path: Path, size_hw: tuple[int, int]) -> np.ndarray:
+    from tracker.masks import decode_png
+
+    try:
+        mask = decode_png(path.read_bytes())
+    except FileNotFoundError:
+        raise PromptError(f"mask file {path} not found") from None
+    if mask.shape != size_hw:
+        raise PromptError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but the video is {size_hw[1]}x{size_hw[0]}")
+    return mask
+
+
+@dataclass
+class AnnotateStats:
+    frames: int = 0
+    forward_frames: int = 0
+    backward_frames: int = 0
+    seconds: float = 0.0
+    resumed_from: int | None = None
+
+
+@dataclass
+class _Plan:
+    prompts_by_frame: dict[int, list[Prompt]]
+    first_frame: dict[int, int]  # obj_id -> first prompted frame
+    keep_until: int  # frames [0, keep_until) are kept for the backward pass
+    obj_ids: list[int] = field(default_factory=list)
+
+
+def _plan(prompts: Sequence[Prompt]) -> _Plan:
+    by_frame: dict[int, list[Prompt]] = {}
+    first: dict[int, int] = {}
+    for p in prompts:
+        by_frame.setdefault(p.frame_idx, []).append(p)
+        first[p.obj_id] = min(first.get(p.obj_id, p.frame_idx), p.frame_idx)
+    return _Plan(dict(sorted(by_frame.items())), first, max(first.values()), sorted(first))
+
+
+class _FrameStore:
+    """Frames at model size kept on disk for the backward pass (np.memmap)."""
+
+    def __init__(self, count: int, size: int, folder: Path) -> None:
+        self.count = count
+        self.path = folder / "backward_frames.u8"
+        self.meta: dict[int, tuple[tuple[int, int], float | None]] = {}
+        self.array = (
+            np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(count, size, size, 3)) if count > 0 else None
+        )
+
+    def put(self, idx: int, image: np.ndarray, source_hw: tuple[int, int], pts_s: float | None) -> None:
+        if self.array is not None and idx < self.count:
+            self.array[idx] = image
+            self.meta[idx] = (source_hw, pts_s)
+
+    def get(self, idx: int) -> tuple[np.ndarray, tuple[int, int], float | None]:
+        assert self.array is not None
+        source_hw, pts_s = self.meta[idx]
+        return np.array(self.array[idx]), source_hw, pts_s
+
+    def close(self) -> None:
+        self.array = None
+        self.path.unlink(missing_ok=True)
+
+
+def _frame_count_hint(video: str) -> int | None:
+    """Frames in an image folder (known exactly); None for containers."""
+    p = Path(video.removeprefix("images:"))
+    if p.is_dir():
+        exts = {".jpg", ".jpeg", ".png"}
+        return sum(1 for f in p.iterdir() if f.suffix.lower() in exts)
+    return None
+
+
+def annotate(
+    video: str,
+    prompts: Sequence[Prompt],
+    *,
+    model: torch.nn.Module,
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 50,
+    skip_frames: set[int] | None = None,
+    stats: AnnotateStats | None = None,
+    batch_objects: bool | None = None,
+) -> Iterator[FrameResult]:
+    """Propagate ``prompts`` through ``video``; yield one FrameResult per frame.
+
+    Frames come forward from the earliest first prompt to the end, then the
+    frames before the last object's first prompt in decreasing order. Every
+    frame is yielded exactly once, with every object that has a mask there.
+
+    Args:
+        work_dir: where the resume state and the backward-pass frame store live
+            (default: a temporary folder; give one for ``resume``).
+        resume: continue from ``work_dir``'s last state checkpoint.
+        skip_frames: frames already on disk (from the writers): computed when the
+            tracking needs them, but not yielded again.
+    """
+    if not prompts:
+        raise PromptError("no prompts given: add at least one point, box or mask")
+    stats = stats if stats is not None else AnnotateStats()
+    skip = skip_frames or set()
+    plan = _plan(prompts)
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="sam2-annotate-")
+        work_dir = tmp.name
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / STATE_FILE
+    t0 = time.perf_counter()
+
+    from tracker.ingest import open_source
+
+    predictor = StreamingPredictor(
+        model,
+        max_prompt_frames=2,
+        max_cond_frames=max(2, len(plan.prompts_by_frame) + 1),
+        keep_for_reverse=True,
+        batch_objects=batch_objects,
+    )
+    hint = _frame_count_hint(video)
+    if hint is not None:
+        predictor.num_frames = hint
+
+    # pass 1: the prompted frames (decode only up to the last one)
+    prompt_frames = _read_frames(open_source, video, set(plan.prompts_by_frame))
+    missing = sorted(set(plan.prompts_by_frame) - set(prompt_frames))
+    if missing:
+        raise PromptError(
+            f"prompt on frame {missing[0]} but {video} has only {_count_frames(open_source, video)} frames"
+        )
+    masks = _validate_prompts(plan, prompt_frames)
+
+    saved = _load_state(state_path, predictor.device) if resume else None
+    partial: dict[int, dict[int, ObjectResult]] = {}
+    if saved is not None:
+        predictor.load_state_dict(saved["predictor"])
+        phase, done_upto = saved["phase"], saved["frame_idx"]
+        partial = saved["partial"]
+        stats.resumed_from = done_upto
+        logger.info("resuming %s pass after frame %d", phase, done_upto)
+    else:
+        phase, done_upto = "forward", -1
+        for f, frame_prompts in plan.prompts_by_frame.items():
+            image, source_hw, pts_s = prompt_frames[f]
+            predictor.encode(f, image, source_size=source_hw, pts_s=pts_s, source_index=f)
+            for p in _merge(frame_prompts):
+                predictor.add_prompt(
+                    p.obj_id,
+                    points_xy=p.points_xy,
+                    labels=p.labels,
+                    box_xyxy=p.box_xyxy,
+                    mask_hw=masks.get((p.obj_id, f)),
+                    frame_idx=f,
+                )
+            predictor.finalize_prompts()
+    del prompt_frames
+
+    store = _FrameStore(plan.keep_until, predictor.image_size, work)
+    start = min(plan.first_frame.values())
+    try:
+        n_seen = 0
+        if phase == "forward":
+            with open_source(video, mode="file") as source:
+                for frame in source:
+                    idx = n_seen
+                    n_seen += 1
+                    image = predictor.prepare(frame.image_rgb)
+                    store.put(idx, image, frame.source_size, frame.pts_s)
+                    if idx < start or idx <= done_upto:
+                        continue
+                    predictor.encode(idx, image, source_size=frame.source_size, pts_s=frame.pts_s, source_index=frame.index)
+                    active = [o for o in plan.obj_ids if plan.first_frame[o] <= idx]
+                    result = predictor.propagate(idx, obj_ids=active)
+                    stats.forward_frames += 1
+                    if idx < plan.keep_until:
+                        partial[idx] = _compact(result.objects)  # completed by the backward pass
+                    elif idx not in skip:
+                        stats.frames += 1
+                        yield result
+                    if checkpoint_every and (idx + 1) % checkpoint_every == 0:
+                        _save_state(state_path, predictor, "forward", idx, partial)
+            if predictor.num_frames != n_seen and hint is None:
+                logger.debug("video has %d frames", n_seen)
+            phase, done_upto = "backward", plan.keep_until
+        else:
+            # the backward pass needs the kept frames again: decode up to keep_until
+            with open_source(video, mode="file") as source:
+                for idx, frame in enumerate(source):
+                    if idx >= plan.keep_until:
+                        break
+                    store.put(idx, predictor.prepare(frame.image_rgb), frame.source_size, frame.pts_s)
+
+        for idx in range(min(done_upto, plan.keep_until) - 1, -1, -1):
+            active = [o for o in plan.obj_ids if plan.first_frame[o] > idx]
+            image, source_hw, pts_s = store.get(idx)
+            predictor.encode(idx, image, source_size=source_hw, pts_s=pts_s, source_index=idx)
+            result = predictor.propagate(idx, reverse=True, obj_ids=active)
+            stats.backward_frames += 1
+            result.objects.update(_expand(partial.pop(idx, {})))
+            result.objects = dict(sorted(result.objects.items()))
+            if idx not in skip:
+                stats.frames += 1
+                yield result
+            if checkpoint_every and idx % checkpoint_every == 0:
+                _save_state(state_path, predictor, "backward", idx, partial)
+        state_path.unlink(missing_ok=True)
+    finally:
+        store.close()
+        stats.seconds = time.perf_counter() - t0
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _compact(objects: dict[int, ObjectResult]) -> dict[int, dict[str, Any]]:
+    """Forward results waiting for the backward pass, kept as RLE (small)."""
+    from tracker.masks import encode_rle
+
+    return {
+        k: {"rle": encode_rle(r.mask_hw), "score": r.score, "box_xyxy": r.box_xyxy, "is_prompted": r.is_prompted}
+        for k, r in objects.items()
+    }
+
+
+def _expand(objects: dict[int, dict[str, Any]]) -> dict[int, ObjectResult]:
+    from tracker.masks import decode_rle
+
+    return {
+        k: ObjectResult(
+            obj_id=k, mask_hw=decode_rle(r["rle"]), score=r["score"], box_xyxy=r["box_xyxy"], is_prompted=r["is_prompted"]
+        )
+        for k, r in objects.items()
+    }
+
+
+def _merge(prompts: list[Prompt]) -> list[Prompt]:
+    """Points and a box for the same object on the same frame make one prompt."""
+    merged: dict[tuple[int, bool], Prompt] = {}
+    for p in prompts:
+        if p.mask_path is not None:
+            merged[(p.obj_id, True)] = p
+            continue
+        m = merged.setdefault((p.obj_id, False), Prompt(p.obj_id, p.frame_idx))
+        if p.points_xy:
+            m.points_xy = (m.points_xy or []) + [list(map(float, xy)) for xy in p.points_xy]
+            m.labels = (m.labels or []) + list(p.labels or [])
+        if p.box_xyxy is not None:
+            m.box_xyxy = p.box_xyxy
+    return list(merged.values())
+
+
+def _read_frames(open_source: Any, video: str, wanted: set[int]) -> dict[int, tuple[np.ndarray, tuple[int, int], float | None]]:
+    out = {}
+    last = max(wanted)
+    with open_source(video, mode="file") as source:
+        for idx, frame in enumerate(source):
+            if idx in wanted:
+                out[idx] = (frame.image_rgb, frame.source_size, frame.pts_s)
+            if idx >= last:
+                break
+    return out
+
+
+def _count_frames(open_source: Any, video: str) -> int:
+    with open_source(video, mode="file") as source:
+        return sum(1 for _ in source)
+
+
+def _validate_prompts(
+    plan: _Plan, frames: dict[int, tuple[np.ndarray, tuple[int, int], float | None]]
+) -> dict[tuple[int, int], np.ndarray]:
+    """Check every prompt against its frame before any model work; load masks."""
+    masks = {}
+    for f, prompts in plan.prompts_by_frame.items():
+        h, w = frames[f][1]
+        for p in prompts:
+            where = f"prompt for object {p.obj_id} on frame {f}"
+            if p.mask_path is not None:
+                masks[(p.obj_id, f)] = _read_mask(p.mask_path, (h, w))
+            for x, y in p.points_xy or []:
+                if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+                    raise PromptError(f"{where}: point ({x:g}, {y:g}) is outside the {w}x{h} frame")
+            if p.box_xyxy is not None:
+                x0, y0, x1, y1 = p.box_xyxy
+                if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+                    raise PromptError(f"{where}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not inside the {w}x{h} frame")
+    return masks
+
+
+def _save_state(path: Path, predictor: StreamingPredictor, phase: str, frame_idx: int, partial: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"phase": phase, "frame_idx": frame_idx, "predictor": predictor.state_dict(), "partial": partial}, tmp
+    )
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a state file from a crash mid-write is replaced atomically, so this is rare
+        raise TrackerError(f"cannot read the resume state {path}: {e}; delete it to start over") from e
+
+
+__all__ = ["Prompt", "load_prompts", "annotate", "AnnotateStats", "SourceError"]
