@@ -37,6 +37,7 @@ import torch
 
 from tracker.errors import PromptError, SourceError, TrackerError
 from tracker.predictor import StreamingPredictor
+from tracker.prompts import check_prompt
 from tracker.results import FrameResult, ObjectResult
 
 logger = logging.getLogger(__name__)
@@ -384,18 +385,15 @@ def _validate_prompts(
     """Check every prompt against its frame before any model work; load masks."""
     masks = {}
     for f, prompts in plan.prompts_by_frame.items():
-        h, w = frames[f][1]
-        for p in prompts:
-            where = f"prompt for object {p.obj_id} on frame {f}"
-            if p.mask_path is not None:
-                masks[(p.obj_id, f)] = _read_mask(p.mask_path, (h, w))
-            for x, y in p.points_xy or []:
-                if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
-                    raise PromptError(f"{where}: point ({x:g}, {y:g}) is outside the {w}x{h} frame")
-            if p.box_xyxy is not None:
-                x0, y0, x1, y1 = p.box_xyxy
-                if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-                    raise PromptError(f"{where}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not inside the {w}x{h} frame")
+        size_hw = frames[f][1]
+        for p in _merge(prompts):
+            mask = _read_mask(p.mask_path, size_hw) if p.mask_path is not None else None
+            try:
+                check_prompt(size_hw, p.points_xy, p.labels, p.box_xyxy, mask)
+            except PromptError as e:
+                raise PromptError(f"prompt for object {p.obj_id} on frame {f}: {e}") from None
+            if mask is not None:
+                masks[(p.obj_id, f)] = mask
     return masks
 
 

@@ -39,6 +39,7 @@ from PIL import Image
 
 from tracker.errors import FrameError, FrameNotAvailableError, PromptError
 from tracker.model import autocast_context
+from tracker.prompts import check_prompt
 from tracker.results import FrameResult, ObjectResult, mask_box_xyxy
 
 logger = logging.getLogger(__name__)
@@ -531,50 +532,10 @@ class StreamingPredictor:
         mask_hw: Any,
     ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
         h, w = entry.source_hw
-        if mask_hw is not None:
-            if points_xy is not None or box_xyxy is not None:
-                raise PromptError("give either a mask or points/box for one prompt, not both")
-            mask = np.asarray(mask_hw)
-            if mask.ndim != 2:
-                raise PromptError(f"mask must be H x W, got shape {mask.shape}")
-            if mask.shape != (h, w):
-                raise PromptError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the frame is {w}x{h}")
-            return None, self._mask_input(mask.astype(bool))
-        if (points_xy is None) != (labels is None):
-            raise PromptError("points and labels must be given together")
-        if points_xy is None and box_xyxy is None:
-            raise PromptError("a prompt needs points, a box or a mask")
-        coords = np.zeros((0, 2), dtype=np.float32)
-        lbls = np.zeros((0,), dtype=np.int32)
-        if points_xy is not None:
-            coords = np.asarray(points_xy, dtype=np.float32).reshape(-1, 2) if len(points_xy) else coords
-            lbls = np.asarray(labels).reshape(-1)
-            if len(coords) == 0:
-                if box_xyxy is None:
-                    raise PromptError("the point list is empty; give at least one point")
-            if len(lbls) != len(coords):
-                raise PromptError(f"{len(coords)} points but {len(lbls)} labels")
-            if len(lbls) and not np.isin(lbls, (0, 1)).all():
-                raise PromptError(f"labels must be 1 (positive) or 0 (negative), got {lbls.tolist()}")
-            if not np.isfinite(coords).all():
-                raise PromptError("point coordinates must be finite numbers")
-            outside = (coords[:, 0] < 0) | (coords[:, 0] > w - 1) | (coords[:, 1] < 0) | (coords[:, 1] > h - 1)
-            if outside.any():
-                x, y = coords[np.flatnonzero(outside)[0]]
-                raise PromptError(f"point ({x:g}, {y:g}) is outside the {w}x{h} frame")
-            lbls = lbls.astype(np.int32)
-        if box_xyxy is not None:
-            box = np.asarray(box_xyxy, dtype=np.float32).reshape(-1)
-            if box.shape != (4,) or not np.isfinite(box).all():
-                raise PromptError(f"box must be 4 numbers x0, y0, x1, y1, got {np.asarray(box_xyxy).ravel().tolist()}")
-            x0, y0, x1, y1 = box.tolist()
-            if not (x1 > x0 and y1 > y0):
-                raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: need x0 < x1 and y0 < y1")
-            if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-                raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside the {w}x{h} frame")
-            # SAM 2 takes a box as two leading points labelled 2 and 3
-            coords = np.concatenate([box.reshape(2, 2), coords], axis=0)
-            lbls = np.concatenate([np.array([2, 3], dtype=np.int32), lbls])
+        checked = check_prompt((h, w), points_xy, labels, box_xyxy, mask_hw)
+        if checked.mask_hw is not None:
+            return None, self._mask_input(checked.mask_hw)
+        coords, lbls = checked.sam_points()
         points = torch.from_numpy(coords)[None] / torch.tensor([w, h], dtype=torch.float32) * self.image_size
         return {
             "point_coords": points.to(self.device),
