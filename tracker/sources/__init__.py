@@ -1,0 +1,10 @@
+"""Implementation of :mod:`tracker.ingest`, one concept per module.
+
+``spec`` (source strings, options, redaction, allowlist: no I/O), ``frame``
+(the Frame type and RGB/rotate/resize/preprocess), ``delivery`` (newest-frame
+and bounded-queue hand-off, stats, events), ``av_reader`` (PyAV options,
+error mapping, packet-by-packet decoding), ``base`` (the consumer API),
+``av_source`` / ``images`` / ``push`` (the three kinds of producer).
+
+Import from :mod:`tracker.ingest`; these module paths may change.
+"""
