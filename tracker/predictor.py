@@ -232,12 +232,41 @@ class StreamingPredictor:
         """
         with self._lock:
             img = self._preprocess(image_rgb)
-            h, w = source_size if source_size is not None else tuple(image_rgb.shape[:2])
+            if source_size is None:
+                source_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
             with autocast_context(self.device):
                 backbone_out = self.model.forward_image(img)
+            self.encode_features(
+                backbone_out,
+                frame_idx=frame_idx,
+                source_size=source_size,
+                pts_s=pts_s,
+                arrival_s=arrival_s,
+                source_index=source_index,
+            )
+
+    def encode_features(
+        self,
+        backbone_out: dict[str, Any],
+        *,
+        source_size: tuple[int, int],
+        frame_idx: int | None = None,
+        pts_s: float | None = None,
+        arrival_s: float | None = None,
+        source_index: int | None = None,
+    ) -> int:
+        """Keep image features computed elsewhere (batch 1 of ``forward_image``'s
+        output); the inference worker batches several sessions' frames through the
+        encoder and hands each predictor its slice. Returns the frame index used
+        (default: the next one)."""
+        with self._lock:
+            if frame_idx is None:
+                frame_idx = self._next_frame_idx
+            h, w = source_size
             self._remember_frame(frame_idx, backbone_out, (int(h), int(w)), pts_s, arrival_s, source_index)
             self._next_frame_idx = max(self._next_frame_idx, frame_idx + 1)
             self.stats.frames += 1
+            return frame_idx
 
     @torch.inference_mode()
     def propagate(self, frame_idx: int, *, reverse: bool = False, obj_ids: Sequence[int] | None = None) -> FrameResult:
