@@ -18,7 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from tracker.errors import TrackerError
+from tracker.errors import FrameError, MaskError, TrackerError
 from tracker.export import (
     FORMATS,
     CocoWriter,
@@ -43,7 +43,10 @@ H, W = 239, 321  # odd on purpose: the overlay must pad, RLE is column-major
 FRAME_IDXS = [0, 1, 2, 3, 4, 6, 7, 9]  # a gap, as when frames are skipped
 OBJ_IDS = [1, 2, 7]
 VIDEO = "clip"
-JOURNALED = {"coco": ("annotations.json", "annotations.partial.jsonl"), "ytvis": ("instances.json", "instances.partial.jsonl")}
+JOURNALED = {
+    "coco": ("annotations.json", "annotations.partial.jsonl"),
+    "ytvis": ("instances.json", "instances.partial.jsonl"),
+}
 
 
 # --- synthetic results --------------------------------------------------------------
@@ -86,19 +89,27 @@ def make_results(h: int = H, w: int = W, frame_idxs: list[int] = FRAME_IDXS, see
 
 
 def expected_masks(results: list[FrameResult]) -> dict[int, dict[int, np.ndarray]]:
-    return {
-        r.frame_idx: {k: o.mask_hw for k, o in r.objects.items() if o.visible and o.mask_hw.any()} for r in results
-    }
+    return {r.frame_idx: {k: o.mask_hw for k, o in r.objects.items() if o.visible and o.mask_hw.any()} for r in results}
 
 
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
+def frames_rgb(n: int, h: int = H, w: int = W) -> list[np.ndarray]:
+    """Frames to draw on: a gradient, shifted and brightened per frame so the order shows."""
+    yy, xx = np.mgrid[:h, :w]
+    base = np.stack([(xx * 200 // w), (yy * 200 // h), np.full_like(xx, 40)], axis=-1)
+    return [np.roll(base + 5 * i, 3 * i, axis=1).astype(np.uint8) for i in range(n)]
+
+
+IMAGES = frames_rgb(len(FRAME_IDXS))
+
+
 def write_all(fmt: str, out: Path, results: list[FrameResult], **kw: object) -> ExportWriter:
     writer = make_writer(fmt, out, video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS, **kw)
-    for r in results:
-        assert writer.write(r) is True
+    for n, r in enumerate(results):
+        assert writer.write(r, image_rgb=IMAGES[n]) is True  # the frame is used by the overlay only
     writer.close()
     return writer
 
@@ -115,6 +126,28 @@ def assert_same_masks(got: dict[int, dict[int, np.ndarray]], want: dict[int, dic
 def output_bytes(fmt: str, out: Path) -> dict[str, bytes]:
     """Every file a finished export left, by relative path (for comparing runs)."""
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def decode_mp4(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24").astype(np.float32) for f in container.decode(video=0)]
+
+
+def assert_same_output(fmt: str, got_dir: Path, want_dir: Path) -> None:
+    """Byte-identical files; for the overlay, the same frames up to encoder noise (libx264's
+    threads can make the bitstream differ under CPU load)."""
+    got, want = output_bytes(fmt, got_dir), output_bytes(fmt, want_dir)
+    if fmt != "overlay":
+        assert got == want
+        return
+    assert sorted(got) == sorted(want) == [f"{VIDEO}_overlay.mp4"]
+    got_frames, want_frames = (
+        decode_mp4(got_dir / f"{VIDEO}_overlay.mp4"),
+        decode_mp4(want_dir / f"{VIDEO}_overlay.mp4"),
+    )
+    assert len(got_frames) == len(want_frames)
+    for a, b in zip(got_frames, want_frames):
+        assert np.abs(a - b).mean() < 1.5
 
 
 @pytest.fixture(scope="module")
@@ -249,20 +282,24 @@ def test_davis_round_trip_with_pil(tmp_path: Path, results: list[FrameResult]) -
 
     want = {}
     for r in results:
-        want[r.frame_idx] = {k: masks_to_label_map(expected_masks([r])[r.frame_idx], H, W) == k
-                             for k in expected_masks([r])[r.frame_idx]}
+        want[r.frame_idx] = {
+            k: masks_to_label_map(expected_masks([r])[r.frame_idx], H, W) == k for k in expected_masks([r])[r.frame_idx]
+        }
         want[r.frame_idx] = {k: m for k, m in want[r.frame_idx].items() if m.any()}
     assert_same_masks(read_davis(folder), want)
 
 
 def test_davis_refuses_ids_outside_1_to_255(tmp_path: Path) -> None:
-    msg = "object id 256 cannot be stored in a DAVIS label PNG (pixel values 1..255); use object ids 1..255 or another export format"
-    with pytest.raises(ValueError) as e:
+    msg = (
+        "object id 256 cannot be stored in a DAVIS label PNG (pixel values 1..255); use object ids 1..255 or "
+        "another export format"
+    )
+    with pytest.raises(MaskError) as e:
         make_writer("davis", tmp_path, video_name=VIDEO, height=H, width=W, obj_ids=[1, 256])
     assert str(e.value) == msg
     writer = make_writer("davis", tmp_path, video_name=VIDEO, height=4, width=4, obj_ids=[1])
     r = FrameResult(0, 4, 4, objects={0: ObjectResult(0, np.ones((4, 4), bool), 1.0)})
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         writer.write(r)
     assert str(e.value) == msg.replace("256", "0")
     assert not list((tmp_path / VIDEO).iterdir())
@@ -301,16 +338,10 @@ def test_mot_round_trip_with_csv(tmp_path: Path, results: list[FrameResult]) -> 
 # --- overlay ------------------------------------------------------------------------
 
 
-def _frames_rgb(n: int, h: int, w: int) -> list[np.ndarray]:
-    yy, xx = np.mgrid[:h, :w]
-    base = np.stack([(xx * 255 // w), (yy * 255 // h), np.full_like(xx, 90)], axis=-1).astype(np.uint8)
-    return [np.roll(base, 3 * i, axis=1) for i in range(n)]
-
-
 @pytest.mark.parametrize("h, w", [(H, W), (120, 161), (96, 128)])
 def test_overlay_mp4_decodes_with_masks_in_object_colours(tmp_path: Path, h: int, w: int) -> None:
     results = make_results(h, w, frame_idxs=[0, 1, 2, 3, 4, 5], seed=3)
-    images = _frames_rgb(len(results), h, w)
+    images = frames_rgb(len(results), h, w)
     writer = make_writer("overlay", tmp_path, video_name=VIDEO, height=h, width=w, fps=30000 / 1001, obj_ids=OBJ_IDS)
     assert writer.needs_images
     for r, img in zip(results, images):
@@ -327,9 +358,11 @@ def test_overlay_mp4_decodes_with_masks_in_object_colours(tmp_path: Path, h: int
     assert len(decoded) == len(results)
     assert decoded[0].format.name == "yuv420p"
     assert (decoded[0].width, decoded[0].height) == (w + w % 2, h + h % 2)
-    for r, img, frame in zip(results, images, decoded):
+    drawn = [draw_overlay(img, r).astype(np.float32) for r, img in zip(results, images)]
+    for n, (r, img, frame) in enumerate(zip(results, images, decoded)):
         rgb = frame.to_ndarray(format="rgb24").astype(np.float32)
-        assert np.abs(rgb[:h, :w] - draw_overlay(img, r)).mean() < 8  # what was drawn, up to H.264 loss
+        errors = [np.abs(rgb[:h, :w] - d).mean() for d in drawn]
+        assert errors[n] < 8 and int(np.argmin(errors)) == n  # what was drawn, in order, up to H.264 loss
         for obj_id, obj in r.objects.items():
             if not obj.visible:
                 continue
@@ -365,21 +398,24 @@ def test_overlay_pads_odd_sizes_without_shifting(tmp_path: Path) -> None:
     tint = np.linalg.norm(rgb[:H, :W] - 128, axis=-1)
     cols = tint[110:141].mean(axis=0)
     rows = tint[:, 210:251].mean(axis=1)
-    assert (cols[203:260] > 40).all() and (cols[190:199] < 10).all() and (cols[264:275] < 10).all()
-    assert (rows[102:149] > 40).all() and (rows[85:98] < 10).all() and (rows[153:165] < 10).all()
+    assert (cols[203:260] > 40).all() and (cols[185:198] < 15).all() and (cols[265:280] < 15).all()
+    assert (rows[102:149] > 40).all() and (rows[80:97] < 15).all() and (rows[154:170] < 15).all()
+    # the outline peaks exactly on the mask's first and last rows / columns
+    assert np.argmax(cols[190:230]) + 190 == 201 and np.argmax(cols[240:280]) + 240 == 261
+    assert np.argmax(rows[90:125]) + 90 == 100 and np.argmax(rows[130:170]) + 130 == 150
     # the padding repeats the last column / row
     assert np.abs(rgb[50:150, W] - rgb[50:150, W - 1]).mean() < 12
     assert np.abs(rgb[H, 50:250] - rgb[H - 1, 50:250]).mean() < 12
-    assert np.abs(rgb[50:150, W - 1] - (20, 200, 20)).mean() < 20
+    assert (rgb[50:150, W - 1, 1] - rgb[50:150, W - 1, 0] > 100).all()  # still green (chroma is subsampled)
 
 
 def test_overlay_needs_the_frame_and_aborts_cleanly(tmp_path: Path) -> None:
     r = make_results(16, 16, frame_idxs=[0])[0]
     writer = make_writer("overlay", tmp_path, video_name=VIDEO, height=16, width=16, resume=True)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(FrameError) as e:
         writer.write(r)
     assert str(e.value) == "the overlay export draws on the frames: pass write(result, image_rgb=frame)"
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(FrameError) as e:
         writer.write(r, image_rgb=np.zeros((16, 16), np.uint8))
     assert str(e.value) == "image_rgb must be a (16, 16, 3) uint8 RGB frame, got shape (16, 16) dtype uint8"
     assert writer.done_frames() == set()
@@ -408,7 +444,7 @@ def _cut_mid_line(path: Path) -> None:
         f.truncate(start + (end - start) // 2)
 
 
-@pytest.mark.parametrize("fmt", ["coco", "ytvis", "davis", "mot"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path: Path, results: list[FrameResult], fmt: str) -> None:
     reference = tmp_path / "reference"
     write_all(fmt, reference, results)
@@ -416,8 +452,8 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path: Path, results: li
     out = tmp_path / "resumed"
     k = 5
     writer = make_writer(fmt, out, video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS)
-    for r in results[:k]:
-        writer.write(r)
+    for n, r in enumerate(results[:k]):
+        writer.write(r, image_rgb=IMAGES[n])
     _crash(writer)
     # frames already on disk after the cut (the frame cut mid-line is lost)
     lost = FRAME_IDXS[k - 1]
@@ -425,9 +461,13 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path: Path, results: li
         _cut_mid_line(out / JOURNALED[fmt][1])
     elif fmt == "mot":
         _cut_mid_line(out / f"{VIDEO}.txt")
-    else:  # a kill between writing a PNG's temp file and renaming it
+    elif fmt == "davis":  # a kill between writing a PNG's temp file and renaming it
         (out / VIDEO / f"{lost:05d}.png").unlink()
         (out / VIDEO / f".{lost:05d}.png.tmp").write_bytes(encode_label_png(np.zeros((H, W), np.uint8))[:50])
+    else:  # the overlay's spooled JPEG, likewise
+        spool = out / f".{VIDEO}_overlay.frames"
+        (spool / f"{lost:05d}.jpg").unlink()
+        (spool / f".{lost:05d}.jpg.tmp").write_bytes(b"\xff\xd8\xff")
     want_done = set(FRAME_IDXS[: k - 1])
     if fmt == "mot":  # frames without visible objects leave no MOT rows
         want_done = {r.frame_idx for r in results[: k - 1] if any(o.visible for o in r.objects.values())}
@@ -435,17 +475,31 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path: Path, results: li
 
     resumed = make_writer(fmt, out, video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS, resume=True)
     assert resumed.done_frames() == want_done
-    written = [resumed.write(r) for r in results]  # a resumed run passes every frame again
+    written = [resumed.write(r, image_rgb=img) for r, img in zip(results, IMAGES)]  # every frame passes again
     assert written == [r.frame_idx not in want_done for r in results]
     resumed.close()
-    assert output_bytes(fmt, out) == output_bytes(fmt, reference)
+    assert_same_output(fmt, out, reference)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_any_write_order_gives_the_same_output(tmp_path: Path, results: list[FrameResult], fmt: str) -> None:
+    """The annotator yields frames forward from the first prompt, then backward: order must not matter."""
+    write_all(fmt, tmp_path / "in_order", results)
+    order = [4, 5, 6, 7, 3, 2, 1, 0]
+    writer = make_writer(fmt, tmp_path / "shuffled", video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS)
+    for n in order:
+        writer.write(results[n], image_rgb=IMAGES[n])
+    writer.close()
+    assert_same_output(fmt, tmp_path / "shuffled", tmp_path / "in_order")
 
 
 @pytest.mark.parametrize("fmt", ["coco", "ytvis"])
 def test_resume_with_only_a_half_header(tmp_path: Path, results: list[FrameResult], fmt: str) -> None:
     final, partial = JOURNALED[fmt]
     (tmp_path / partial).write_bytes(b'{"kind":"header","form')
-    writer = make_writer(fmt, tmp_path / "", video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS, resume=True)
+    writer = make_writer(
+        fmt, tmp_path / "", video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS, resume=True
+    )
     assert writer.done_frames() == set()
     for r in results:
         writer.write(r)
@@ -454,20 +508,19 @@ def test_resume_with_only_a_half_header(tmp_path: Path, results: list[FrameResul
     assert (tmp_path / final).read_bytes() == (tmp_path / "reference" / final).read_bytes()
 
 
-@pytest.mark.parametrize("fmt", ["coco", "davis", "mot"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fresh_open_discards_earlier_partial_output(tmp_path: Path, results: list[FrameResult], fmt: str) -> None:
-    writer = make_writer(fmt, tmp_path, video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS)
-    for r in make_results(seed=9):
-        writer.write(r)
+    writer = make_writer(fmt, tmp_path / "run", video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS)
+    for r, img in zip(make_results(seed=9), IMAGES[::-1]):
+        writer.write(r, image_rgb=img)
     _crash(writer)
-    writer = make_writer(fmt, tmp_path, video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS)
+    writer = make_writer(fmt, tmp_path / "run", video_name=VIDEO, height=H, width=W, fps=25.0, obj_ids=OBJ_IDS)
     assert writer.done_frames() == set()
-    for r in results[:3]:
-        writer.write(r)
+    for r, img in zip(results[:3], IMAGES):
+        writer.write(r, image_rgb=img)
     writer.close()
     write_all(fmt, tmp_path / "reference", results[:3])
-    got = {p: b for p, b in output_bytes(fmt, tmp_path).items() if not p.startswith("reference")}
-    assert got == output_bytes(fmt, tmp_path / "reference")
+    assert_same_output(fmt, tmp_path / "run", tmp_path / "reference")
 
 
 def test_resume_refuses_another_videos_journal(tmp_path: Path, results: list[FrameResult]) -> None:
@@ -479,6 +532,22 @@ def test_resume_refuses_another_videos_journal(tmp_path: Path, results: list[Fra
     assert str(e.value) == (
         f"cannot resume {tmp_path / 'annotations.partial.jsonl'}: it holds a coco export of video 'clip' at 321x239 "
         "(WxH), not coco of 'other' at 320x240; use another output folder or start over without resume"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["davis", "overlay"])
+def test_resume_refuses_frames_of_another_size(tmp_path: Path, results: list[FrameResult], fmt: str) -> None:
+    writer = make_writer(fmt, tmp_path, video_name=VIDEO, height=H, width=W, obj_ids=OBJ_IDS)
+    writer.write(results[0], image_rgb=IMAGES[0])
+    _crash(writer)
+    with pytest.raises(TrackerError) as e:
+        make_writer(fmt, tmp_path, video_name=VIDEO, height=240, width=320, resume=True)
+    where, what = {"davis": (tmp_path / VIDEO, "PNGs"), "overlay": (tmp_path / f".{VIDEO}_overlay.frames", "frames")}[
+        fmt
+    ]
+    assert str(e.value) == (
+        f"cannot resume {where}: its {what} are 321x239 (WxH), the video is 320x240; use another output folder or "
+        "start over without resume"
     )
 
 
@@ -531,11 +600,11 @@ def test_writer_misuse_is_reported(tmp_path: Path, results: list[FrameResult]) -
         writer.open(tmp_path, video_name="a/b", height=H, width=W)
     assert str(e.value) == "video_name must be a non-empty file name without path separators, got 'a/b'"
     writer.open(tmp_path, video_name=VIDEO, height=H, width=W)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(FrameError) as e:
         writer.write(FrameResult(0, 10, 20))
     assert str(e.value) == "frame 0 is 10x20 (HxW) but the export was opened for 239x321"
     bad = FrameResult(0, H, W, objects={1: ObjectResult(1, np.ones((10, 10), bool), 1.0)})
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(MaskError) as e:
         writer.write(bad)
     assert str(e.value) == "frame 0: mask of object 1 has shape (10, 10), expected (239, 321)"
     assert writer.write(results[0]) is True

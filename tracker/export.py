@@ -28,8 +28,8 @@ Layouts (``DIR`` is ``out_dir``, ``NAME`` the ``video_name``):
 ``mot``
     ``DIR/NAME.txt``: MOT Challenge rows ``frame,id,bb_left,bb_top,bb_width,bb_height,conf,-1,-1,-1``.
 ``overlay``
-    ``DIR/NAME_overlay.mp4`` (H.264, yuv420p), written to a hidden temp file and
-    moved into place on close. Not resumable: a resumed run restarts it.
+    ``DIR/NAME_overlay.mp4`` (H.264, yuv420p) on close; while running the drawn
+    frames wait as JPEGs in ``DIR/.NAME_overlay.frames/`` (removed on close).
 
 Which objects count on a frame: those SAM 2 calls visible (object score logit
 > 0) with a non-empty mask; the others are absent from that frame's output.
@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
@@ -53,7 +54,7 @@ from typing import IO, Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from tracker.errors import TrackerError
+from tracker.errors import FrameError, MaskError, TrackerError
 from tracker.masks import (
     davis_palette,
     decode_label_png,
@@ -75,6 +76,7 @@ FORMATS: tuple[str, ...] = ("coco", "ytvis", "davis", "mot", "overlay")
 DEFAULT_CATEGORY = "object"
 
 _FRAME_PNG = re.compile(r"^(\d{5,})\.png$")
+_FRAME_JPG = re.compile(r"^(\d{5,})\.jpg$")
 
 
 # --- small helpers ------------------------------------------------------------------
@@ -133,7 +135,7 @@ def _present_objects(result: FrameResult) -> list[_Present]:
         obj = result.objects[obj_id]
         mask = np.asarray(obj.mask_hw)
         if mask.shape != (result.height, result.width):
-            raise ValueError(
+            raise MaskError(
                 f"frame {result.frame_idx}: mask of object {obj_id} has shape {mask.shape}, "
                 f"expected ({result.height}, {result.width})"
             )
@@ -184,8 +186,6 @@ class ExportWriter(ABC):
     format: ClassVar[str]
     #: whether :meth:`write` needs ``image_rgb`` (the frame itself)
     needs_images: ClassVar[bool] = False
-    #: whether ``resume=True`` continues earlier output (else it restarts)
-    resumable: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._meta: _VideoMeta | None = None
@@ -222,7 +222,12 @@ class ExportWriter(ABC):
         """
         if self._meta is not None:
             raise TrackerError(f"this {self.format} writer is already open; make a new one per video")
-        if not isinstance(video_name, str) or not video_name or video_name in (".", "..") or re.search(r"[/\\\x00]", video_name):
+        if (
+            not isinstance(video_name, str)
+            or not video_name
+            or video_name in (".", "..")
+            or re.search(r"[/\\\x00]", video_name)
+        ):
             raise ValueError(f"video_name must be a non-empty file name without path separators, got {video_name!r}")
         if int(height) <= 0 or int(width) <= 0:
             raise ValueError(f"height and width must be positive, got {height}x{width}")
@@ -236,7 +241,7 @@ class ExportWriter(ABC):
         self._out_dir.mkdir(parents=True, exist_ok=True)
         self._done = set()
         try:
-            self._open(resume and self.resumable)
+            self._open(resume)
         except BaseException:
             self._meta = None
             raise
@@ -255,12 +260,12 @@ class ExportWriter(ABC):
         """
         meta = self._require_open()
         if (result.height, result.width) != (meta.height, meta.width):
-            raise ValueError(
+            raise FrameError(
                 f"frame {result.frame_idx} is {result.height}x{result.width} (HxW) but the export was opened "
                 f"for {meta.height}x{meta.width}"
             )
         if result.frame_idx < 0:
-            raise ValueError(f"frame_idx must be >= 0, got {result.frame_idx}")
+            raise FrameError(f"frame_idx must be >= 0, got {result.frame_idx}")
         if result.frame_idx in self._done:
             return False
         self._check_obj_ids(result.objects)
@@ -362,8 +367,7 @@ def _scan_journal(path: Path) -> _JournalIndex:
             if lineno == 1:
                 if not isinstance(record, dict) or record.get("kind") != "header":
                     raise TrackerError(
-                        f"cannot resume {path}: it does not start with an export header; delete the file to "
-                        "start over"
+                        f"cannot resume {path}: it does not start with an export header; delete the file to start over"
                     )
                 index.header = record
             else:
@@ -416,7 +420,12 @@ class _JournalWriter(ExportWriter):
         if resume and path.exists():
             index = _scan_journal(path)
             if index.header is not None:
-                old = (index.header.get("format"), index.header.get("video_name"), index.header.get("height"), index.header.get("width"))
+                old = (
+                    index.header.get("format"),
+                    index.header.get("video_name"),
+                    index.header.get("height"),
+                    index.header.get("width"),
+                )
                 new = (self.format, meta.video_name, meta.height, meta.width)
                 if old != new:
                     raise TrackerError(
@@ -512,8 +521,14 @@ class CocoWriter(_JournalWriter):
         assert meta is not None
         obj_ids = sorted(set(meta.obj_ids) | index.obj_ids)
         categories, cat_of = meta.category_table(obj_ids)
-        video = {"id": 1, "name": meta.video_name, "width": meta.width, "height": meta.height, "fps": meta.fps,
-                 "length": len(index.offsets)}
+        video = {
+            "id": 1,
+            "name": meta.video_name,
+            "width": meta.width,
+            "height": meta.height,
+            "fps": meta.fps,
+            "length": len(index.offsets),
+        }
         info = {"description": f"sam2-stream coco export of {meta.video_name}"}
         out.write(f'{{"info":{_dumps(info)},"videos":{_dumps([video])},"categories":{_dumps(categories)},"images":[')
         for n, frame_idx in enumerate(sorted(index.offsets)):
@@ -582,7 +597,9 @@ class YtvisWriter(_JournalWriter):
             "file_names": [_frame_file_name(meta.video_name, f) for f in frames],
         }
         info = {"description": f"sam2-stream ytvis export of {meta.video_name}"}
-        out.write(f'{{"info":{_dumps(info)},"videos":{_dumps([video])},"categories":{_dumps(categories)},"annotations":[')
+        out.write(
+            f'{{"info":{_dumps(info)},"videos":{_dumps([video])},"categories":{_dumps(categories)},"annotations":['
+        )
         # One pass over the journal; each object's RLEs go to its own spool file so
         # the masks of the whole video are never in memory at once.
         spools = {obj_id: tempfile.TemporaryFile("w+", encoding="utf-8") for obj_id in obj_ids}
@@ -648,7 +665,7 @@ class DavisWriter(ExportWriter):
     def _check_obj_ids(self, obj_ids: Iterable[int]) -> None:
         for obj_id in obj_ids:
             if not 1 <= obj_id <= 255:
-                raise ValueError(
+                raise MaskError(
                     f"object id {obj_id} cannot be stored in a DAVIS label PNG (pixel values 1..255); "
                     "use object ids 1..255 or another export format"
                 )
@@ -697,7 +714,10 @@ class MotWriter(ExportWriter):
     **1-based** (``frame_idx + 1``), as in MOT Challenge; the box is the mask's
     tight box in 0-based pixel coordinates (COCO's convention: ``bb_left`` is the
     leftmost mask column, width counts whole pixels); ``conf`` is the sigmoid of
-    SAM 2's object score logit. Rows of a frame are appended and flushed together.
+    SAM 2's object score logit. Rows of a frame are appended and flushed together
+    in the order frames come (the annotator's backward pass comes last);
+    :meth:`close` sorts the rows by frame (a stable sort: objects stay in id
+    order), rewriting the file atomically.
 
     Frames without visible objects leave no rows, so :meth:`done_frames` cannot
     see them and a resumed run writes them again (which writes nothing).
@@ -758,6 +778,11 @@ class MotWriter(ExportWriter):
 
     def _close(self) -> None:
         self._abort()
+        path = self.output_path
+        rows = path.read_bytes().splitlines(keepends=True)
+        order = sorted(range(len(rows)), key=lambda i: (int(float(rows[i].split(b",", 1)[0])), i))
+        if order != list(range(len(rows))):
+            _atomic_write_bytes(path, b"".join(rows[i] for i in order))
 
     def _abort(self) -> None:
         if self._file is not None:
@@ -789,34 +814,35 @@ def draw_overlay(image_rgb: np.ndarray, result: FrameResult, alpha: float = 0.5)
     for p in present:
         x, y, _, _ = mask_box_xywh(p.mask_hw)
         org = (int(x), max(int(y) - 3, 10))
-        for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):
-            cv2.putText(canvas, str(p.obj_id), org, cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, thickness, cv2.LINE_AA)
+        for text_rgb, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):  # white on a black outline
+            cv2.putText(canvas, str(p.obj_id), org, cv2.FONT_HERSHEY_SIMPLEX, 0.4, text_rgb, thickness, cv2.LINE_AA)
     return canvas
 
 
 class OverlayWriter(ExportWriter):
     """An MP4 for eyeballing the tracking: ``DIR/NAME_overlay.mp4``, H.264 yuv420p.
 
-    Needs the frames (``write(result, image_rgb=frame)``). Frames are encoded in
-    the order written at a constant ``fps`` (30 when unknown). H.264 in yuv420p
-    needs even sizes, so odd widths/heights are padded by one replicated
-    row/column at the right/bottom (no pixel is cropped). The video goes to a
-    hidden temp file and is moved into place on close; :meth:`abort` deletes it,
-    and so does a close without frames (no file is made).
-    Not resumable: ``resume=True`` restarts the overlay from scratch.
+    Needs the frames (``write(result, image_rgb=frame)``). Each drawn frame is
+    spooled as a JPEG (quality 95) under ``DIR/.NAME_overlay.frames/`` and the
+    video is encoded on close in ``frame_idx`` order at a constant ``fps`` (30
+    when unknown): results may come in any order (the annotator's backward pass
+    comes last), and a killed run resumes from the spooled frames. The spool
+    needs disk, about 100-200 kB per 720p frame, and is deleted on close.
+
+    H.264 in yuv420p needs even sizes, so odd widths/heights are padded by one
+    replicated row/column at the right/bottom; no pixel is cropped or moved. The
+    video is encoded to a hidden temp file and moved into place. A close
+    without frames makes no file.
     """
 
     format = "overlay"
     needs_images = True
-    resumable = False
 
-    def __init__(self, *, alpha: float = 0.5, crf: int = 20) -> None:
+    def __init__(self, *, alpha: float = 0.5, crf: int = 20, jpeg_quality: int = 95) -> None:
         super().__init__()
         self.alpha = alpha
         self.crf = crf
-        self._container: Any = None
-        self._stream: Any = None
-        self._n = 0
+        self.jpeg_quality = jpeg_quality
 
     @property
     def output_path(self) -> Path:
@@ -824,67 +850,89 @@ class OverlayWriter(ExportWriter):
         return self._out_dir / f"{self._meta.video_name}_overlay.mp4"
 
     @property
-    def _tmp_path(self) -> Path:
-        return self.output_path.with_name(f".{self.output_path.stem}.partial.mp4")
+    def spool_path(self) -> Path:
+        """The folder of drawn frames waiting to be encoded."""
+        return self.output_path.with_name(f".{self.output_path.stem}.frames")
 
     def _open(self, resume: bool) -> None:
-        import av
+        import cv2
 
         meta = self._meta
         assert meta is not None
-        rate = Fraction(meta.fps if meta.fps is not None else 30.0).limit_denominator(1001)
-        self._container = av.open(str(self._tmp_path), mode="w", format="mp4")
-        stream = self._container.add_stream("libx264", rate=rate)
-        stream.width = meta.width + meta.width % 2
-        stream.height = meta.height + meta.height % 2
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(self.crf), "preset": "veryfast"}
-        self._stream = stream
-        self._rate = rate
-        self._n = 0
+        spool = self.spool_path
+        spool.mkdir(exist_ok=True)
+        for path in spool.iterdir():
+            m = _FRAME_JPG.match(path.name)
+            if m and resume:
+                self._done.add(int(m.group(1)))
+            else:  # temp files of a killed write, or a fresh start
+                path.unlink()
+        if self._done:
+            sample = cv2.imread(str(spool / f"{min(self._done):05d}.jpg"), cv2.IMREAD_COLOR)
+            if sample is None or sample.shape[:2] != (meta.height, meta.width):
+                found = "unreadable" if sample is None else f"{sample.shape[1]}x{sample.shape[0]} (WxH)"
+                raise TrackerError(
+                    f"cannot resume {spool}: its frames are {found}, the video is {meta.width}x{meta.height}; "
+                    "use another output folder or start over without resume"
+                )
 
     def _write(self, result: FrameResult, image_rgb: np.ndarray | None) -> None:
-        import av
         import cv2
 
         meta = self._meta
         assert meta is not None
         if image_rgb is None:
-            raise ValueError("the overlay export draws on the frames: pass write(result, image_rgb=frame)")
+            raise FrameError("the overlay export draws on the frames: pass write(result, image_rgb=frame)")
         image = np.asarray(image_rgb)
         if image.shape != (meta.height, meta.width, 3) or image.dtype != np.uint8:
-            raise ValueError(
+            raise FrameError(
                 f"image_rgb must be a ({meta.height}, {meta.width}, 3) uint8 RGB frame, got shape {image.shape} "
                 f"dtype {image.dtype}"
             )
         canvas = draw_overlay(image, result, self.alpha)
-        pad_h, pad_w = meta.height % 2, meta.width % 2
-        if pad_h or pad_w:
-            canvas = cv2.copyMakeBorder(canvas, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
-        frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
-        frame.pts = self._n
-        frame.time_base = 1 / self._rate
-        self._n += 1
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
+        ok, jpeg = cv2.imencode(".jpg", canvas[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+        assert ok, "OpenCV could not encode a JPEG"
+        _atomic_write_bytes(self.spool_path / f"{result.frame_idx:05d}.jpg", jpeg.tobytes())
 
     def _close(self) -> None:
-        if self._n == 0:  # an MP4 without frames helps no one (and PyAV writes none)
-            self._abort()
-            return
-        for packet in self._stream.encode(None):
-            self._container.mux(packet)
-        self._container.close()
-        self._container = None
-        os.replace(self._tmp_path, self.output_path)
+        import av
+        import cv2
+
+        meta = self._meta
+        assert meta is not None
+        spool = self.spool_path
+        frames = sorted(self._done)
+        if frames:
+            rate = Fraction(meta.fps if meta.fps is not None else 30.0).limit_denominator(1001)
+            tmp = self.output_path.with_name(f".{self.output_path.name}.tmp")
+            pad_h, pad_w = meta.height % 2, meta.width % 2
+            with av.open(str(tmp), mode="w", format="mp4") as container:
+                stream = container.add_stream("libx264", rate=rate)
+                stream.width, stream.height = meta.width + pad_w, meta.height + pad_h
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": str(self.crf), "preset": "veryfast"}
+                for n, frame_idx in enumerate(frames):
+                    jpeg_path = spool / f"{frame_idx:05d}.jpg"
+                    bgr = cv2.imread(str(jpeg_path), cv2.IMREAD_COLOR)
+                    if bgr is None:
+                        raise TrackerError(
+                            f"cannot read the spooled overlay frame {jpeg_path}; delete {spool} and run again"
+                        )
+                    if pad_h or pad_w:
+                        bgr = cv2.copyMakeBorder(bgr, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
+                    rgb = np.ascontiguousarray(bgr[..., ::-1], dtype=np.uint8)
+                    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                    frame.pts = n
+                    frame.time_base = 1 / rate
+                    container.mux(stream.encode(frame))
+                container.mux(stream.encode(None))
+            os.replace(tmp, self.output_path)
+            _fsync_dir(self.output_path.parent)
+        shutil.rmtree(spool)
 
     def _abort(self) -> None:
-        if self._container is not None:
-            try:
-                self._container.close()
-            finally:
-                self._container = None
-                self._tmp_path.unlink(missing_ok=True)
+        if not self._done:
+            shutil.rmtree(self.spool_path, ignore_errors=True)
 
 
 # --- factory ------------------------------------------------------------------------
@@ -899,7 +947,7 @@ _WRITERS: dict[str, type[ExportWriter]] = {
 
 
 def make_writer(fmt: str, out_dir: PathLike, **open_kw: Any) -> ExportWriter:
-    """A writer for ``fmt`` (one of :data:`FORMATS`), already opened with ``open_kw`` (see :meth:`ExportWriter.open`)."""
+    """A writer for ``fmt`` (one of :data:`FORMATS`), opened with ``open_kw`` (see :meth:`ExportWriter.open`)."""
     cls = _WRITERS.get(fmt)
     if cls is None:
         raise ValueError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
