@@ -18,7 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from tracker.errors import FrameError, MaskError, TrackerError
+from tracker.errors import ExportError, FrameError, MaskError, TrackerError
 from tracker.export import (
     FORMATS,
     CocoWriter,
@@ -585,7 +585,7 @@ def test_context_manager_aborts_on_error_and_leaves_the_journal(tmp_path: Path, 
 
 def test_unknown_format_lists_the_valid_ones(tmp_path: Path) -> None:
     assert FORMATS == ("coco", "ytvis", "davis", "mot", "overlay")
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ExportError) as e:
         make_writer("png", tmp_path, video_name=VIDEO, height=H, width=W)
     assert str(e.value) == "unknown export format 'png'; use one of: coco, ytvis, davis, mot, overlay"
     assert list(tmp_path.iterdir()) == []
@@ -596,7 +596,7 @@ def test_writer_misuse_is_reported(tmp_path: Path, results: list[FrameResult]) -
     with pytest.raises(TrackerError) as e:
         writer.write(results[0])
     assert str(e.value) == "the coco writer is not open; call open() first"
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ExportError) as e:
         writer.open(tmp_path, video_name="a/b", height=H, width=W)
     assert str(e.value) == "video_name must be a non-empty file name without path separators, got 'a/b'"
     writer.open(tmp_path, video_name=VIDEO, height=H, width=W)

@@ -174,6 +174,32 @@ class _FrameStore:
         self.path.unlink(missing_ok=True)
 
 
+def probe_video(video: str) -> tuple[int, int, float | None]:
+    """(height, width, fps) of a video's upright frames, from its first frame."""
+    from tracker.ingest import open_source
+
+    with open_source(video, mode="file") as source:
+        for frame in source:
+            h, w = frame.source_size
+            return h, w, source.fps
+    raise SourceError(f"{video} has no frames")
+
+
+def estimate_frame_count(video: str) -> int | None:
+    """Frames in the video, if its folder or container header says (for progress bars)."""
+    exact = _frame_count_hint(video)
+    if exact is not None:
+        return exact
+    try:
+        import av
+
+        with av.open(video) as container:
+            n = container.streams.video[0].frames
+            return int(n) or None
+    except Exception:
+        return None
+
+
 def _frame_count_hint(video: str) -> int | None:
     """Frames in an image folder (known exactly); None for containers."""
     p = Path(video.removeprefix("images:"))

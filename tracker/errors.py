@@ -12,6 +12,7 @@ serving everyone else::
     │   └── FrameNotAvailableError    prompt names a frame outside the prompt window
     ├── FrameError             wrong frame shape / dtype handed to the predictor
     ├── MaskError              a mask or RLE that cannot be encoded / decoded
+    ├── ExportError            unknown export format, bad export options or files
     └── SourceError            ingest: a source cannot be opened or read
         ├── SourceNotFoundError       file / device does not exist
         ├── SourceUnsupportedError    no decoder / container / no video stream
@@ -54,6 +55,10 @@ class FrameError(TrackerError, ValueError):
 
 class MaskError(TrackerError, ValueError):
     """A mask, RLE or label image is malformed (wrong shape, bad counts, bad ids)."""
+
+
+class ExportError(TrackerError, ValueError):
+    """An export cannot be written or read (unknown format, bad options, wrong file)."""
 
 
 class SourceError(TrackerError):

@@ -54,7 +54,7 @@ from typing import IO, Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from tracker.errors import FrameError, MaskError, TrackerError
+from tracker.errors import ExportError, FrameError, MaskError, TrackerError
 from tracker.masks import (
     davis_palette,
     decode_label_png,
@@ -228,11 +228,11 @@ class ExportWriter(ABC):
             or video_name in (".", "..")
             or re.search(r"[/\\\x00]", video_name)
         ):
-            raise ValueError(f"video_name must be a non-empty file name without path separators, got {video_name!r}")
+            raise ExportError(f"video_name must be a non-empty file name without path separators, got {video_name!r}")
         if int(height) <= 0 or int(width) <= 0:
-            raise ValueError(f"height and width must be positive, got {height}x{width}")
+            raise ExportError(f"height and width must be positive, got {height}x{width}")
         if fps is not None and not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps must be a positive number or None, got {fps!r}")
+            raise ExportError(f"fps must be a positive number or None, got {fps!r}")
         ids = [int(i) for i in obj_ids]
         cats = {int(k): str(v) for k, v in (categories or {}).items()}
         self._check_obj_ids(ids)
@@ -950,7 +950,7 @@ def make_writer(fmt: str, out_dir: PathLike, **open_kw: Any) -> ExportWriter:
     """A writer for ``fmt`` (one of :data:`FORMATS`), opened with ``open_kw`` (see :meth:`ExportWriter.open`)."""
     cls = _WRITERS.get(fmt)
     if cls is None:
-        raise ValueError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
+        raise ExportError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
     writer = cls()
     writer.open(out_dir, **open_kw)
     return writer
@@ -1000,9 +1000,9 @@ def read_ytvis(path: PathLike, video_name: str | None = None) -> dict[int, dict[
     if video_name is not None:
         videos = [v for v in videos if v.get("name") == video_name]
         if not videos:
-            raise ValueError(f"{path} has no video named {video_name!r}")
+            raise ExportError(f"{path} has no video named {video_name!r}")
     elif len(videos) != 1:
-        raise ValueError(f"{path} holds {len(videos)} videos; pass video_name to choose one")
+        raise ExportError(f"{path} holds {len(videos)} videos; pass video_name to choose one")
     video = videos[0]
     keys = []
     for n, name in enumerate(video["file_names"]):

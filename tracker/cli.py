@@ -1,0 +1,367 @@
+"""The ``sam2-stream`` command line.
+
+``track``: follow objects clicked on the first frame of any source the ingest
+layer opens (file, RTSP, HTTP/HLS, UDP, webcam, image folder) and write one JSON
+line per processed frame (timestamps, per-object score, box and COCO RLE mask).
+``annotate``: offline propagation of a prompts file through a whole video,
+written in annotation formats. ``segment``: single images. ``serve`` lives in
+``server.cli``, which extends this parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Sequence
+
+import numpy as np
+
+from tracker.errors import TrackerError
+
+logger = logging.getLogger("sam2-stream")
+
+
+@dataclass
+class PromptArg:
+    """One ``--point``/``--box`` from the command line, in source pixels."""
+
+    obj_id: int
+    points_xy: list[list[float]]
+    labels: list[int]
+    box_xyxy: list[float] | None = None
+
+
+def _split_obj(text: str) -> tuple[int, str]:
+    if ":" in text:
+        obj, rest = text.split(":", 1)
+        return int(obj), rest
+    return 1, text
+
+
+def parse_point(text: str) -> PromptArg:
+    """``[OBJ:]X,Y[,LABEL]`` → a one-point prompt (label 1 = positive, 0 = negative)."""
+    try:
+        obj_id, rest = _split_obj(text)
+        parts = [float(v) for v in rest.split(",")]
+        if len(parts) not in (2, 3):
+            raise ValueError
+        label = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--point {text!r}: expected [OBJ:]X,Y[,LABEL], e.g. 1:320,240 or 2:100,80,0") from None
+    return PromptArg(obj_id, [parts[:2]], [label])
+
+
+def parse_box(text: str) -> PromptArg:
+    """``[OBJ:]X0,Y0,X1,Y1`` → a box prompt."""
+    try:
+        obj_id, rest = _split_obj(text)
+        parts = [float(v) for v in rest.split(",")]
+        if len(parts) != 4:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--box {text!r}: expected [OBJ:]X0,Y0,X1,Y1, e.g. 1:100,80,220,200") from None
+    return PromptArg(obj_id, [], [], parts)
+
+
+def merge_prompts(args: Sequence[PromptArg]) -> dict[int, PromptArg]:
+    """Points and a box given for the same object become one prompt."""
+    merged: dict[int, PromptArg] = {}
+    for a in args:
+        m = merged.setdefault(a.obj_id, PromptArg(a.obj_id, [], []))
+        m.points_xy += a.points_xy
+        m.labels += a.labels
+        if a.box_xyxy is not None:
+            m.box_xyxy = a.box_xyxy
+    return merged
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="sam2.1-tiny", help="sam2.1-tiny|small|base-plus|large, sam2-*, or a sam2 config path")
+    p.add_argument("--checkpoint", help="a .pt file in Meta's format (default: the official one, downloaded once to the cache)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--image-size", type=int, default=None, help="model input size (1024 as trained; 512/256 are faster)")
+    p.add_argument(
+        "--random-weights",
+        type=int,
+        metavar="SEED",
+        default=None,
+        help="RANDOM weights with this seed instead of a checkpoint: meaningless masks, for trying the pipeline only",
+    )
+
+
+def build_model_from_args(args: argparse.Namespace):
+    from tracker.model import build_model
+
+    return build_model(
+        args.model,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        image_size=args.image_size,
+        random_weights_seed=args.random_weights,
+    )
+
+
+def frame_record(result, *, with_masks: bool = True) -> dict:
+    """A FrameResult as one JSON-serialisable line."""
+    from tracker.masks import encode_rle
+
+    objects = {}
+    for obj_id, r in result.objects.items():
+        rec = {"score": round(r.score, 4), "visible": r.visible, "box_xyxy": r.box_xyxy, "area": r.area}
+        if with_masks:
+            rec["mask_rle"] = encode_rle(r.mask_hw)
+        objects[str(obj_id)] = rec
+    return {
+        "frame_idx": result.frame_idx,
+        "source_index": result.source_index,
+        "pts_s": result.pts_s,
+        "arrival_s": result.arrival_s,
+        "processed_s": result.processed_s,
+        "size_hw": [result.height, result.width],
+        "objects": objects,
+    }
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from tracker.ingest import open_source
+    from tracker.predictor import StreamingPredictor
+
+    prompts = merge_prompts(args.prompt or [])
+    if not prompts:
+        raise SystemExit("track: give at least one --point or --box for the first frame")
+    model = build_model_from_args(args)
+    predictor = StreamingPredictor(model)
+    out: IO[str] = open(args.out, "w") if args.out and args.out != "-" else sys.stdout
+    options = {}
+    if args.mode:
+        options["mode"] = args.mode
+    if args.realtime:
+        options["realtime"] = True
+    t0 = time.perf_counter()
+    n = 0
+    try:
+        with open_source(args.source, **options) as source:
+            for frame in source:
+                result = predictor.track(
+                    frame.image_rgb,
+                    pts_s=frame.pts_s,
+                    arrival_s=frame.arrival_s,
+                    source_index=frame.index,
+                    source_size=frame.source_size,
+                )
+                if n == 0:
+                    for p in prompts.values():
+                        r = predictor.add_prompt(
+                            p.obj_id,
+                            points_xy=p.points_xy or None,
+                            labels=p.labels or None,
+                            box_xyxy=p.box_xyxy,
+                        )
+                        result.objects[p.obj_id] = r
+                out.write(json.dumps(frame_record(result, with_masks=not args.no_masks)) + "\n")
+                out.flush()
+                n += 1
+                if n % 25 == 0:
+                    logger.info("%d frames, %.1f frames/s, dropped %d", n, n / (time.perf_counter() - t0), source.stats.dropped)
+                if args.max_frames and n >= args.max_frames:
+                    break
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    dt = time.perf_counter() - t0
+    logger.info("done: %d frames in %.1f s (%.2f frames/s)", n, dt, n / dt if dt else 0.0)
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tracker.annotate import AnnotateStats, annotate, estimate_frame_count, load_prompts, probe_video
+    from tracker.export import make_writer
+
+    prompts = load_prompts(args.prompts)
+    height, width, fps = probe_video(args.video)
+    name = args.video_name or Path(args.video.removeprefix("images:").rstrip("/")).stem or "video"
+    obj_ids = sorted({p.obj_id for p in prompts})
+    formats = list(dict.fromkeys(args.format or ["coco"]))
+    model = build_model_from_args(args)
+    out_dir = Path(args.out)
+    writers = [
+        make_writer(f, out_dir, video_name=name, height=height, width=width, fps=fps, obj_ids=obj_ids, resume=args.resume)
+        for f in formats
+        if f != "overlay"
+    ]
+    done = set.intersection(*(w.done_frames() for w in writers)) if writers and args.resume else set()
+    overlay_rles: dict[int, dict[int, dict]] | None = {} if "overlay" in formats else None
+    stats = AnnotateStats()
+    total = estimate_frame_count(args.video)
+    bar = tqdm(total=total, unit="frame", desc=f"annotate {name}", initial=len(done), disable=args.quiet)
+    try:
+        for result in annotate(
+            args.video,
+            prompts,
+            model=model,
+            work_dir=out_dir / ".annotate-work",
+            resume=args.resume,
+            skip_frames=done,
+            stats=stats,
+        ):
+            for w in writers:
+                w.write(result)
+            if overlay_rles is not None:
+                overlay_rles[result.frame_idx] = frame_record(result)["objects"]
+            bar.update(1)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        bar.close()
+    for w in writers:
+        w.close()
+        logger.info("wrote %s", w.output_path)
+    if overlay_rles is not None:
+        path = write_overlay(args.video, overlay_rles, out_dir, name, height, width, fps)
+        logger.info("wrote %s", path)
+    logger.info(
+        "%d frames (%d forward, %d backward) in %.1f s: %.2f frames/s%s",
+        stats.frames,
+        stats.forward_frames,
+        stats.backward_frames,
+        stats.seconds,
+        (stats.forward_frames + stats.backward_frames) / stats.seconds if stats.seconds else 0.0,
+        f", resumed after frame {stats.resumed_from}" if stats.resumed_from is not None else "",
+    )
+    return 0
+
+
+def write_overlay(video: str, records: dict[int, dict[int, dict]], out_dir: Path, name: str, height: int, width: int, fps: float | None) -> Path:
+    """Second pass for ``--format overlay``: decode again, draw the saved masks."""
+    from tracker.export import make_writer
+    from tracker.ingest import open_source
+    from tracker.masks import decode_rle
+    from tracker.results import FrameResult, ObjectResult
+
+    writer = make_writer("overlay", out_dir, video_name=name, height=height, width=width, fps=fps)
+    with open_source(video, mode="file") as source:
+        for idx, frame in enumerate(source):
+            result = FrameResult(frame_idx=idx, height=height, width=width, pts_s=frame.pts_s)
+            for obj_id, rec in records.get(idx, {}).items():
+                result.objects[int(obj_id)] = ObjectResult(
+                    obj_id=int(obj_id), mask_hw=decode_rle(rec["mask_rle"]), score=rec["score"], box_xyxy=rec["box_xyxy"]
+                )
+            writer.write(result, image_rgb=frame.image_rgb)
+    writer.close()
+    return writer.output_path
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from tracker.masks import encode_png, encode_rle
+    from tracker.segment import ImageSegmenter
+
+    prompts = merge_prompts(args.prompt or [])
+    if not prompts:
+        raise SystemExit("segment: give at least one --point or --box")
+    paths: list[Path] = []
+    for item in args.images:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise SystemExit(f"segment: {p} is not a file or folder")
+    segmenter = ImageSegmenter(build_model_from_args(args))
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        image = np.array(Image.open(path).convert("RGB"))
+        segmenter.set_image(image)  # one embedding per image, reused by every prompt
+        for obj_id, p in prompts.items():
+            res = segmenter.predict(
+                points_xy=p.points_xy or None, labels=p.labels or None, box_xyxy=p.box_xyxy, multimask=args.multimask
+            )
+            record = {"image": str(path), "obj_id": obj_id, "masks": []}
+            for k, cand in enumerate(res.candidates):
+                entry = {"score": round(cand.score, 4), "box_xyxy": cand.box_xyxy, "area": int(cand.mask_hw.sum())}
+                if out_dir:
+                    suffix = f"_obj{obj_id}" + (f"_{k}" if args.multimask else "")
+                    target = out_dir / f"{path.stem}{suffix}.png"
+                    target.write_bytes(encode_png(cand.mask_hw))
+                    entry["png"] = str(target)
+                else:
+                    entry["mask_rle"] = encode_rle(cand.mask_hw)
+                record["masks"].append(entry)
+            print(json.dumps(record), flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam2-stream", description="Video object tracking on SAM 2")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("track", help="track objects clicked on the first frame of a source; JSON lines out")
+    t.add_argument("source", help="file, folder of frames, rtsp://, http(s)://, udp://, /dev/videoN, …")
+    t.add_argument("--point", dest="prompt", action="append", type=parse_point, metavar="[OBJ:]X,Y[,LABEL]")
+    t.add_argument("--box", dest="prompt", action="append", type=parse_box, metavar="[OBJ:]X0,Y0,X1,Y1")
+    t.add_argument("--out", default="-", help="JSON lines file (default: stdout)")
+    t.add_argument("--max-frames", type=int, default=0)
+    t.add_argument("--mode", choices=["live", "file"], help="newest frame only (live) or every frame (file)")
+    t.add_argument("--realtime", action="store_true", help="play a file at its own frame rate, as a camera would")
+    t.add_argument("--no-masks", action="store_true", help="omit RLE masks from the output (boxes and scores only)")
+    add_model_args(t)
+    t.set_defaults(func=cmd_track)
+
+    from tracker.export import FORMATS
+
+    a = sub.add_parser("annotate", help="propagate prompts through a whole video (forward and backward); export masks")
+    a.add_argument("video", help="video file or folder of frames")
+    a.add_argument("--prompts", required=True, help="prompts JSON (see samples/prompts.json)")
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--format", action="append", choices=FORMATS, help="coco (default), ytvis, davis, mot, overlay; repeat for several")
+    a.add_argument("--video-name", help="name used in the outputs (default: the file name)")
+    a.add_argument("--resume", action="store_true", help="continue an interrupted run from what is on disk")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_args(a)
+    a.set_defaults(func=cmd_annotate)
+
+    g = sub.add_parser("segment", help="segment single images (SAM 2 image mode)")
+    g.add_argument("images", nargs="+", help="image files or folders")
+    g.add_argument("--point", dest="prompt", action="append", type=parse_point, metavar="[OBJ:]X,Y[,LABEL]")
+    g.add_argument("--box", dest="prompt", action="append", type=parse_box, metavar="[OBJ:]X0,Y0,X1,Y1")
+    g.add_argument("--multimask", action="store_true", help="three candidate masks per prompt, best first, with predicted IoU")
+    g.add_argument("--out", help="folder for PNG masks (default: RLE in the JSON output)")
+    add_model_args(g)
+    g.set_defaults(func=cmd_segment)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except TrackerError as e:
+        logger.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        logger.warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
