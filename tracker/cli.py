@@ -210,6 +210,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             resume=args.resume,
             skip_frames=done,
             stats=stats,
+            checkpoint_every=args.save_state_every,
         ):
             for w in writers:
                 w.write(result)
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--video-name", help="name used in the outputs (default: the file name)")
     a.add_argument("--resume", action="store_true", help="continue an interrupted run from what is on disk")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.add_argument("--save-state-every", type=int, default=50, metavar="N", help="save the resume state every N frames")
     add_model_args(a)
     a.set_defaults(func=cmd_annotate)
 

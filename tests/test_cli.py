@@ -1,0 +1,184 @@
+"""The command line as a user runs it: track, annotate (exports equal to Meta's
+predictor; killed and resumed), segment, and clear errors before long work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from tests.frames import moving_shapes, shape_centres, write_jpeg_folder
+from tracker.cli import main
+from tracker.export import read_coco, read_davis, read_mot
+from tracker.masks import decode_rle
+
+ROOT = Path(__file__).resolve().parents[1]
+N, H, W = 24, 120, 160
+
+
+def model_args(ckpt: Path) -> list[str]:
+    return ["--model", "sam2.1-tiny", "--checkpoint", str(ckpt), "--image-size", "256", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def clip_mp4(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "clip.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        for f in moving_shapes(N, H, W):
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+@pytest.fixture(scope="module")
+def jpeg_clip(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli_jpeg") / "clip"
+    write_jpeg_folder(moving_shapes(N, H, W, seed=5), folder)
+    return folder
+
+
+def prompts_file(tmp_path: Path, k: int = 6) -> Path:
+    (x0, y0), (x1, y1) = shape_centres(k, H, W)[0], shape_centres(k, H, W)[1]
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"prompts": [
+        {"obj_id": 1, "frame": k, "points": [[x0, y0]], "labels": [1]},
+        {"obj_id": 2, "frame": k, "box": [x1 - 14, y1 - 14, x1 + 14, y1 + 14]},
+    ]}))
+    return path
+
+
+def test_track_writes_one_json_line_per_frame(clip_mp4, random_checkpoint, tmp_path):
+    out = tmp_path / "t.jsonl"
+    cx, cy = shape_centres(0, H, W)[0]
+    assert main(["track", str(clip_mp4), "--point", f"1:{cx},{cy}", "--box", "2:90,60,140,110", "--out", str(out),
+                 *model_args(random_checkpoint)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [rec["frame_idx"] for rec in lines] == list(range(N))
+    assert [rec["source_index"] for rec in lines] == list(range(N))
+    assert lines[3]["pts_s"] == pytest.approx(0.3)
+    for rec in lines:
+        assert set(rec["objects"]) == {"1", "2"} and rec["size_hw"] == [H, W]
+        for obj in rec["objects"].values():
+            assert decode_rle(obj["mask_rle"]).sum() == obj["area"]
+
+
+def test_annotate_command_equals_meta_predictor(model, jpeg_clip, random_checkpoint, tmp_path):
+    k = 6
+    prompts = prompts_file(tmp_path, k)
+    out = tmp_path / "out"
+    args = ["annotate", str(jpeg_clip), "--prompts", str(prompts), "--out", str(out), "--quiet",
+            "--format", "coco", "--format", "davis", "--format", "mot", *model_args(random_checkpoint)]
+    assert main(args) == 0
+    spec = json.loads(prompts.read_text())["prompts"]
+    state = model.init_state(str(jpeg_clip))
+    model.add_new_points_or_box(state, k, 1, points=spec[0]["points"], labels=[1])
+    model.add_new_points_or_box(state, k, 2, box=spec[1]["box"])
+    theirs = {}
+    for reverse in (False, True):
+        for f, ids, masks in model.propagate_in_video(state, reverse=reverse):
+            theirs[f] = {oid: masks[i, 0].numpy() > 0 for i, oid in enumerate(ids)}
+    coco = read_coco(out / "annotations.json")
+    davis = read_davis(out / "clip")
+    assert sorted(coco) == sorted(davis) == list(range(N))
+    compared = 0
+    for f in range(N):
+        for oid in (1, 2):
+            expected = theirs[f][oid]
+            np.testing.assert_array_equal(coco[f].get(oid, np.zeros((H, W), bool)), expected)
+            compared += int(expected.any())
+    assert compared > N  # masks are not all empty
+    # DAVIS: one label map per frame (the higher id wins overlaps)
+    for f in range(N):
+        label = np.zeros((H, W), np.uint8)
+        for oid in (1, 2):
+            label[theirs[f][oid]] = oid
+        for oid in (1, 2):
+            np.testing.assert_array_equal(davis[f].get(oid, np.zeros((H, W), bool)), label == oid)
+    mot = read_mot(out / "clip.txt")
+    assert set(mot) <= set(range(N)) and all(set(v) <= {1, 2} for v in mot.values())
+
+
+def test_annotate_killed_then_resumed_equals_uninterrupted(jpeg_clip, random_checkpoint, tmp_path):
+    prompts = prompts_file(tmp_path, 4)
+
+    def command(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "tracker.cli", "annotate", str(jpeg_clip), "--prompts", str(prompts), "--out",
+                str(out), "--quiet", "--format", "coco", "--format", "davis", "--save-state-every", "3",
+                *model_args(random_checkpoint), *extra]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full = tmp_path / "full"
+    subprocess.run(command(full), check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+
+    part = tmp_path / "part"
+    proc = subprocess.Popen(command(part), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((part / "clip").glob("*.png"))) >= 9:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert not (part / "annotations.json").exists()
+    done = len(list((part / "clip").glob("*.png")))
+    assert 9 <= done < N
+
+    subprocess.run(command(part, "--resume"), check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    a, b = read_coco(full / "annotations.json"), read_coco(part / "annotations.json")
+    assert sorted(a) == sorted(b) == list(range(N))
+    for f in a:
+        assert sorted(a[f]) == sorted(b[f])
+        for oid in a[f]:
+            np.testing.assert_array_equal(a[f][oid], b[f][oid])
+    for f in range(N):
+        assert (full / "clip" / f"{f:05d}.png").read_bytes() == (part / "clip" / f"{f:05d}.png").read_bytes()
+
+
+def test_segment_prints_scores_and_writes_pngs(jpeg_clip, random_checkpoint, tmp_path, capsys):
+    out = tmp_path / "masks"
+    images = sorted(jpeg_clip.glob("*.jpg"))[:3]
+    assert main(["segment", *map(str, images), "--point", "1:40,40", "--box", "2:80,50,140,110", "--multimask",
+                 "--out", str(out), *model_args(random_checkpoint)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(records) == 6 and all(len(r["masks"]) == 3 for r in records)
+    for r in records:
+        scores = [m["score"] for m in r["masks"]]
+        assert scores == sorted(scores, reverse=True)
+        assert all(Path(m["png"]).is_file() for m in r["masks"])
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "not found"),
+    ("beyond", "prompt on frame 99 but"),
+    ("outside", "prompt for object 1 on frame 0: point (500, 5) is outside the 160x120 frame"),
+])
+def test_annotate_bad_input_fails_fast(case, expected, jpeg_clip, random_checkpoint, tmp_path, caplog):
+    video = str(tmp_path / "nope.mp4") if case == "missing" else str(jpeg_clip)
+    frame, point = (99, [5, 5]) if case == "beyond" else (0, [500, 5] if case == "outside" else [5, 5])
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"obj_id": 1, "frame": frame, "points": [point]}]))
+    t0 = time.perf_counter()
+    code = main(["annotate", video, "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--quiet",
+                 *model_args(random_checkpoint)])
+    assert code == 2
+    assert expected in caplog.text
+    assert time.perf_counter() - t0 < 20
+
+
+def test_unknown_format_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["annotate", "v.mp4", "--prompts", "p.json", "--out", "o", "--format", "png"])
+    assert "invalid choice: 'png'" in capsys.readouterr().err
