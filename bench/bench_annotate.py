@@ -1,0 +1,143 @@
+"""Offline annotation and image-mode benchmarks, measured side by side in one run.
+
+``video``: a generated clip (JPEG folder, the input both tools read) annotated by
+``sam2-stream annotate`` (decode on a thread, bounded state) and by Meta's
+``SAM2VideoPredictor`` (``init_state`` loads every frame, then
+``propagate_in_video``) with the same model and prompt. Each runs in its own
+process so peak RSS is its own. Prints frames/s, the ratio, peak RSS and RSS
+at 10% vs 100% of the frames (flat = bounded).
+
+``images``: image mode on a folder in one process (one model load, one
+embedding per image) vs one ``sam2-stream segment`` process per image.
+
+    .venv/bin/python bench/bench_annotate.py video --frames 3000
+    .venv/bin/python bench/bench_annotate.py images --images 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+H, W = 120, 160
+
+
+def make_clip(folder: Path, n: int) -> None:
+    from tests.frames import moving_shapes, write_jpeg_folder
+
+    base = moving_shapes(60, H, W)
+    write_jpeg_folder([base[i % len(base)] for i in range(n)], folder)
+
+
+WORKER = r'''
+import json, sys, time, threading, resource
+import psutil, torch
+sys.path.insert(0, {root!r})
+from tracker.model import build_model
+which, folder, n, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads({threads})
+model = build_model("sam2.1-tiny", random_weights_seed=0, device="cpu", image_size=size)
+proc = psutil.Process()
+marks = {{}}
+point = [[0.2 * {W}, 0.3 * {H}]]
+t0 = time.perf_counter()
+done = 0
+def mark(i):
+    if i + 1 in (max(1, n // 10), n):
+        marks[i + 1] = proc.memory_info().rss
+if which == "ours":
+    from tracker.annotate import Prompt, annotate
+    for i, r in enumerate(annotate(folder, [Prompt(1, 0, points_xy=point, labels=[1])], model=model, checkpoint_every=0)):
+        done += 1; mark(i)
+else:
+    state = model.init_state(folder, offload_video_to_cpu=True)
+    model.add_new_points_or_box(state, 0, 1, points=point, labels=[1])
+    for i, (f, ids, masks) in enumerate(model.propagate_in_video(state)):
+        done += 1; mark(i)
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({{"frames": done, "seconds": dt, "peak_rss": peak, "marks": marks}}))
+'''
+
+
+def run_worker(which: str, folder: Path, n: int, size: int, threads: int) -> dict:
+    code = WORKER.format(root=str(ROOT), threads=threads, W=W, H=H)
+    out = subprocess.run(
+        [sys.executable, "-c", code, which, str(folder), str(n), str(size)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_video(n: int, size: int, threads: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "clip"
+        make_clip(folder, n)
+        print(f"== annotate: {n} frames {W}x{H} (JPEG folder), sam2.1-tiny random weights, image_size {size}, {threads} threads")
+        res = {which: run_worker(which, folder, n, size, threads) for which in ("ours", "meta")}
+    for which, r in res.items():
+        fps = r["frames"] / r["seconds"]
+        m = {int(k): v for k, v in r["marks"].items()}
+        lo, hi = min(m), max(m)
+        growth = (m[hi] - m[lo]) / m[lo]
+        print(
+            f"  {which:5s}: {fps:6.2f} frames/s ({r['seconds']:.1f} s), peak RSS {r['peak_rss'] / 2**20:7.1f} MiB, "
+            f"RSS frame {lo} -> {hi}: {growth:+.1%}"
+        )
+    ratio = (res["ours"]["frames"] / res["ours"]["seconds"]) / (res["meta"]["frames"] / res["meta"]["seconds"])
+    print(f"  throughput ours / meta: {ratio:.2f}x (goal >= 1.2x);  peak RSS ours / meta: "
+          f"{res['ours']['peak_rss'] / res['meta']['peak_rss']:.2f}")
+
+
+def bench_images(count: int, size: int) -> None:
+    from PIL import Image
+
+    from tests.frames import moving_shapes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "imgs"
+        folder.mkdir()
+        for i, img in enumerate(moving_shapes(count, 480, 640, seed=1)):
+            Image.fromarray(img).save(folder / f"{i:03d}.jpg")
+        common = ["--random-weights", "0", "--image-size", str(size), "--device", "cpu", "--point", "100,100", "--box", "2:300,200,400,320"]
+        cmd = [sys.executable, "-m", "tracker.cli", "segment"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd + [str(folder)] + common, check=True, capture_output=True, cwd=ROOT)
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for img in sorted(folder.iterdir()):
+            subprocess.run(cmd + [str(img)] + common, check=True, capture_output=True, cwd=ROOT)
+        many = time.perf_counter() - t0
+    print(f"== image mode: {count} images 640x480, 2 prompts each, image_size {size}")
+    print(f"  one process for the folder: {count / one:6.2f} images/s ({one:.1f} s)")
+    print(f"  one process per image     : {count / many:6.2f} images/s ({many:.1f} s)")
+    print(f"  speed-up: {many / one:.1f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("parts", nargs="+", choices=["video", "images"])
+    ap.add_argument("--frames", type=int, default=3000)
+    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    for part in args.parts:
+        if part == "video":
+            bench_video(args.frames, args.image_size, args.threads)
+        else:
+            bench_images(args.images, args.image_size)
+
+
+if __name__ == "__main__":
+    main()
