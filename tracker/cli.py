@@ -68,6 +68,13 @@ def parse_box(text: str) -> PromptArg:
     return PromptArg(obj_id, [], [], parts)
 
 
+def parse_key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def merge_prompts(args: Sequence[PromptArg]) -> dict[int, PromptArg]:
     """Points and a box given for the same object become one prompt."""
     merged: dict[int, PromptArg] = {}
@@ -137,7 +144,7 @@ def cmd_track(args: argparse.Namespace) -> int:
     model = build_model_from_args(args)
     predictor = StreamingPredictor(model)
     out: IO[str] = open(args.out, "w") if args.out and args.out != "-" else sys.stdout
-    options = {}
+    options = dict(args.source_opt or [])
     if args.mode:
         options["mode"] = args.mode
     if args.realtime:
@@ -319,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=["live", "file"], help="newest frame only (live) or every frame (file)")
     t.add_argument("--realtime", action="store_true", help="play a file at its own frame rate, as a camera would")
     t.add_argument("--no-masks", action="store_true", help="omit RLE masks from the output (boxes and scores only)")
+    t.add_argument(
+        "--source-opt",
+        action="append",
+        type=parse_key_value,
+        metavar="KEY=VALUE",
+        help="source option (timeout_s, rtsp_transport, resize, preprocess, fps, size, ...); repeat for several",
+    )
     add_model_args(t)
     t.set_defaults(func=cmd_track)
 
