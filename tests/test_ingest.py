@@ -108,6 +108,9 @@ def test_parse_source_options_from_strings() -> None:
     assert parse_source("a.mp4", resize="512").max_side == 512
     assert parse_source("a.mp4", resize=(320, 240)).resize_wh == (320, 240)
     assert parse_source("a.mp4", realtime="1", mode="live").realtime is True
+    tls = parse_source("rtsps://cam/s", ca_file="/etc/ssl/cam.pem")
+    assert (tls.tls_verify, tls.ca_file) == (True, "/etc/ssl/cam.pem")
+    assert parse_source("https://h/a.mp4").tls_verify is False
     cam = parse_source("/dev/video0", size="1280x720", fps=30, input_format="mjpeg")
     assert (cam.capture_size_wh, cam.fps, cam.input_format) == ((1280, 720), 30.0, "mjpeg")
 
@@ -121,7 +124,9 @@ def test_parse_source_options_from_strings() -> None:
         ("a.mp4", {"speed": 2}, SourceError,
          "unknown source option 'speed' for a.mp4: use one of mode, timeout_s, rtsp_transport, resize, preprocess, "
          "reconnect, max_backoff_s, reconnect_attempts, realtime, buffer_frames, size, fps, input_format, "
-         "autorotate, av_options"),
+         "autorotate, tls_verify, ca_file, av_options"),
+        ("http://h/a.mp4", {"tls_verify": True}, SourceError,
+         "tls_verify and ca_file apply to https://, rtsps:// and rtmps:// sources only, not to http://h/a.mp4"),
         ("a.mp4", {"mode": "fast"}, SourceError, "mode must be 'live' or 'file' for a.mp4, not 'fast'"),
         ("a.mp4", {"rtsp_transport": "tcp"}, SourceError, "rtsp_transport applies to rtsp:// sources only, not to a.mp4"),
         ("rtsp://h/s", {"rtsp_transport": "sctp"}, SourceError,
@@ -209,6 +214,8 @@ def test_policy_schemes_hosts_devices_options() -> None:
         assert str(caught.value) == message
     with pytest.raises(SourceNotAllowedError, match=r"raw FFmpeg options \(av_options\) are not accepted here$"):
         policy.check(parse_source("rtsp://cam1.lan/s", av_options={"protocol_whitelist": "file"}))
+    with pytest.raises(SourceNotAllowedError, match=r"ca_file \(a path on this server\) is not accepted here$"):
+        policy.check(parse_source("https://x.cams.example/a.m3u8", ca_file="/etc/shadow"))
 
 
 def test_policy_directories_refuse_dotdot_and_symlink_escapes(tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -328,6 +330,34 @@ def test_http_authentication_and_not_found(http_site: str) -> None:
         open_source(f"{http_site}/missing.mp4", timeout_s=5)
     assert str(caught.value) == (f"source not found: {http_site}/missing.mp4 "
                                  "(the server answered 404 Not Found: check the path)")
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI missing: apt-get install openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_https_with_a_self_signed_certificate(tmp_path: Path, self_signed: tuple[str, str]) -> None:
+    cert, key = self_signed
+    make_clip(tmp_path / "clip.mp4", "libx264", n_frames=6)
+    with serve_directory(tmp_path, certfile=cert, keyfile=key) as base_url:
+        url = f"{base_url}/clip.mp4"
+        with open_source(url, mode="file", timeout_s=5) as source:  # FFmpeg's default: not verified
+            assert [read_index(f.image_rgb) for f in source] == list(range(6))
+        with pytest.raises(SourceConnectionError) as caught:
+            open_source(url, mode="file", timeout_s=5, tls_verify=True)
+        assert str(caught.value) == (
+            f"cannot connect to {url}: TLS failed, most likely the server's certificate did not verify "
+            "(pass ca_file=PATH for a private CA, or tls_verify=False for a self-signed camera)")
+        with open_source(url, mode="file", timeout_s=5, ca_file=cert) as source:
+            assert [read_index(f.image_rgb) for f in source] == list(range(6))
 
 
 # --------------------------------------------------------------------------- UDP / RTP MPEG-TS, RTMP

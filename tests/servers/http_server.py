@@ -18,6 +18,7 @@ import base64
 import contextlib
 import os
 import re
+import ssl
 import sys
 import threading
 from collections.abc import Iterator
@@ -90,15 +91,21 @@ class RangeHandler(SimpleHTTPRequestHandler):
 
 @contextlib.contextmanager
 def serve_directory(folder: os.PathLike[str] | str, user: str | None = None, password: str | None = None,
-                    port: int = 0) -> Iterator[str]:
-    """Serve ``folder`` on 127.0.0.1 while the block runs; yields the base URL."""
+                    port: int = 0, certfile: str | None = None, keyfile: str | None = None) -> Iterator[str]:
+    """Serve ``folder`` on 127.0.0.1 while the block runs; yields the base URL (https with a certificate)."""
     handler = type("Handler", (RangeHandler,), {"credentials": f"{user}:{password}" if user else None})
     server = ThreadingHTTPServer(("127.0.0.1", port), partial(handler, directory=str(folder)))
     server.daemon_threads = True
+    scheme = "http"
+    if certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{scheme}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -30,7 +30,7 @@ from tracker.errors import (
     SourceNotFoundError,
     SourceUnsupportedError,
 )
-from tracker.sources.spec import SourceSpec
+from tracker.sources.spec import TLS_SCHEMES, SourceSpec
 
 log = logging.getLogger("tracker.ingest")
 
@@ -87,6 +87,10 @@ def ffmpeg_options(spec: SourceSpec) -> dict[str, str]:
             opts["framerate"] = f"{spec.fps:g}"
         if spec.input_format:
             opts["input_format"] = spec.input_format
+    if spec.scheme in TLS_SCHEMES and spec.tls_verify:
+        opts["tls_verify"] = "1"
+        if spec.ca_file:
+            opts["ca_file"] = spec.ca_file
     if spec.mode == "live" and (spec.is_network or spec.kind == "v4l2"):
         # Start quickly and do not hold packets back: a live viewer wants frames now.
         opts["fflags"] = "nobuffer"
@@ -248,6 +252,11 @@ def map_open_error(exc: av.error.FFmpegError, spec: SourceSpec, elapsed_s: float
             )
         if isinstance(exc, av.error.InvalidDataError):
             return SourceUnsupportedError(f"cannot read {shown}: the server sent data FFmpeg cannot read ({reason})")
+        if spec.tls_verify and spec.scheme in TLS_SCHEMES and isinstance(exc, av.error.OSError):
+            return SourceConnectionError(
+                f"cannot connect to {shown}: TLS failed, most likely the server's certificate did not verify "
+                "(pass ca_file=PATH for a private CA, or tls_verify=False for a self-signed camera)"
+            )
         return SourceConnectionError(f"cannot connect to {shown}: {reason}")
     if isinstance(exc, av.error.InvalidDataError):
         return SourceUnsupportedError(f"cannot read {shown}: not a video file FFmpeg can read ({reason})")

@@ -39,6 +39,8 @@ SCHEMES: tuple[str, ...] = (
 #: OpenCV preprocessing steps, applied in the order given (see ``tracker.sources.frame``).
 PREPROCESS_STEPS: tuple[str, ...] = ("clahe", "denoise", "denoise_nlm")
 RTSP_TRANSPORTS: tuple[str, ...] = ("tcp", "udp", "udp_multicast", "http", "https")
+#: Schemes carried over TLS, where ``tls_verify`` / ``ca_file`` apply.
+TLS_SCHEMES: frozenset[str] = frozenset({"https", "rtsps", "rtmps"})
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _URL_HEAD_RE = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/]*)")
@@ -96,6 +98,8 @@ class SourceSpec:
     fps: float | None = None  # v4l2: rate asked of the camera; images: rate for PTS/pacing
     input_format: str | None = None  # v4l2: e.g. "mjpeg"
     autorotate: bool = True
+    tls_verify: bool = False  # FFmpeg's default: IP cameras mostly present self-signed certificates
+    ca_file: str | None = None  # CA bundle to verify the server against (implies tls_verify)
     av_options: dict[str, str] = field(default_factory=dict)  # extra FFmpeg options, verbatim
 
     @property
@@ -124,7 +128,7 @@ class SourceSpec:
 _OPTION_NAMES = (
     "mode", "timeout_s", "rtsp_transport", "resize", "preprocess", "reconnect", "max_backoff_s",
     "reconnect_attempts", "realtime", "buffer_frames", "size", "fps", "input_format", "autorotate",
-    "av_options",
+    "tls_verify", "ca_file", "av_options",
 )
 
 
@@ -146,7 +150,12 @@ def parse_source(uri: str, **options: Any) -> SourceSpec:
     ``realtime`` (pace a file at its own rate, to stand in for a camera),
     ``buffer_frames``, ``size`` / ``fps`` / ``input_format`` (what to ask of a
     V4L2 camera; ``fps`` also times an image folder), ``autorotate``,
-    ``av_options`` (extra FFmpeg options, passed verbatim).
+    ``tls_verify`` / ``ca_file`` (check the certificate of an https, rtsps or
+    rtmps server; off by default, as in FFmpeg), ``av_options`` (extra FFmpeg
+    options, passed verbatim).
+
+    Reconnects happen in live mode only: in file mode a reopened stream would
+    replay frames already delivered, so a drop ends it with an error.
 
     Raises:
         SourceUnsupportedError: unknown scheme or a URL without a host/port.
@@ -200,6 +209,10 @@ def parse_source(uri: str, **options: Any) -> SourceSpec:
     if not isinstance(av_options, dict):
         raise SourceError(f"av_options must be a dict of FFmpeg options for {display}")
     attempts = opts.pop("reconnect_attempts", None)
+    ca_file = opts.pop("ca_file", None)
+    tls_verify = _as_bool(opts.pop("tls_verify", ca_file is not None), "tls_verify", display)
+    if (tls_verify or ca_file is not None) and scheme not in TLS_SCHEMES:
+        raise SourceError(f"tls_verify and ca_file apply to https://, rtsps:// and rtmps:// sources only, not to {display}")
 
     spec = SourceSpec(
         uri=uri,
@@ -221,6 +234,8 @@ def parse_source(uri: str, **options: Any) -> SourceSpec:
         fps=None if fps is None else _positive(fps, "fps", display),
         input_format=None if input_format is None else str(input_format),
         autorotate=_as_bool(opts.pop("autorotate", True), "autorotate", display),
+        tls_verify=tls_verify,
+        ca_file=None if ca_file is None else str(ca_file),
         av_options={str(k): str(v) for k, v in av_options.items()},
     )
     return spec
@@ -360,8 +375,8 @@ class SourcePolicy:
     out are refused), ``hosts`` (exact names or addresses, ``*.example.org``,
     networks like ``10.0.0.0/8``, or ``*`` for any; compared with the host as
     written, never resolved through DNS), ``devices`` (``/dev/videoN`` paths),
-    and ``allow_av_options`` (raw FFmpeg options let a client reach protocols
-    and files the policy would refuse, so they are off).
+    and ``allow_av_options`` (raw FFmpeg options and ``ca_file`` name things
+    on the server, protocols or files, the policy would refuse, so they are off).
 
     Limits: an HLS playlist on an allowed host may name segments elsewhere (the
     reader restricts the protocols FFmpeg may use, not their hosts), and a
@@ -383,6 +398,8 @@ class SourcePolicy:
             raise SourceNotAllowedError(f"{prefix}: scheme '{spec.scheme}' is not allowed here (allowed: {allowed})")
         if spec.av_options and not self.allow_av_options:
             raise SourceNotAllowedError(f"{prefix}: raw FFmpeg options (av_options) are not accepted here")
+        if spec.ca_file is not None and not self.allow_av_options:
+            raise SourceNotAllowedError(f"{prefix}: ca_file (a path on this server) is not accepted here")
         if spec.kind in ("file", "images"):
             if not self.allows_path(spec.location):
                 raise SourceNotAllowedError(f"{prefix}: the path is outside the allowed folders")
