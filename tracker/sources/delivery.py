@@ -36,8 +36,9 @@ class SourceStats:
     ``decoded``: frames out of the decoder (or pushed); ``delivered``: handed to
     the consumer; ``dropped``: replaced before delivery (live mode only);
     ``corrupt``: packets or frames the demuxer/decoder flagged as damaged (still
-    decoded, with concealment); ``decode_errors``: packets or images whose
-    decoding raised and were skipped; ``reconnects``: successful reconnects.
+    decoded, with concealment); ``decode_errors``: packets that could not be
+    read or decoded, frames that could not be converted, and unreadable images,
+    all skipped; ``reconnects``: successful reconnects.
     """
 
     decoded: int = 0
