@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Measurement]] = {name: [] for name in variants}
     for _ in range(args.repeat):
         for name, run in variants.items():
-            measured = run()
-            if measured is not None:
-                runs[name].append(measured)
+            one = run()
+            if one is not None:
+                runs[name].append(one)
     fps: dict[str, float] = {}
     cpu_ms: dict[str, float] = {}
     for name, measured in runs.items():

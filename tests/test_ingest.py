@@ -590,7 +590,7 @@ def test_realtime_paces_a_file_like_a_camera(tmp_path: Path) -> None:
     elapsed = time.monotonic() - started
     assert len(frames) == 12 and elapsed >= 0.9 * 11 / 25
     gaps = np.diff([f.arrival_s for f in frames])
-    assert np.median(gaps) == pytest.approx(0.04, abs=0.015)
+    assert np.median(gaps) == pytest.approx(0.04, abs=0.02)
 
 
 def test_close_stops_the_decoder_thread(tmp_path: Path) -> None:
@@ -608,7 +608,8 @@ def test_close_stops_the_decoder_thread(tmp_path: Path) -> None:
 
 
 def test_aiter_does_not_block_the_event_loop(tmp_path: Path) -> None:
-    clip = make_clip(tmp_path / "c.mp4", "libx264", n_frames=15, fps=25)
+    """Frames 200 ms apart: a consumer that blocked the loop while waiting would stall the heartbeat that long."""
+    clip = make_clip(tmp_path / "c.mp4", "libx264", n_frames=5, fps=5)
 
     async def main() -> tuple[list[int], float]:
         ticks: list[float] = []
@@ -629,8 +630,8 @@ def test_aiter_does_not_block_the_event_loop(tmp_path: Path) -> None:
         return got, float(np.diff(ticks).max())
 
     got, worst_gap = asyncio.run(main())
-    assert got == list(range(15))
-    assert worst_gap < 0.1  # the loop kept running while frames were awaited
+    assert got == list(range(5))
+    assert worst_gap < 0.15  # the loop kept running while frames were awaited
 
 
 def test_aiter_raises_the_error_that_stopped_the_source() -> None:

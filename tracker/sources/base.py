@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
+from typing import TypeVar
 
 from tracker.errors import SourceError
 from tracker.sources.delivery import EventKind, EventLog, FrameBuffer, SourceEvent, SourceStats
@@ -23,6 +24,8 @@ from tracker.sources.frame import Frame
 from tracker.sources.spec import SourceSpec
 
 log = logging.getLogger("tracker.ingest")
+
+_Source = TypeVar("_Source", bound="VideoSource")
 
 
 class VideoSource:
@@ -79,7 +82,7 @@ class VideoSource:
             self._raise_if_failed()
         return frame
 
-    def __iter__(self) -> VideoSource:
+    def __iter__(self: _Source) -> _Source:
         return self
 
     def __next__(self) -> Frame:
@@ -127,7 +130,7 @@ class VideoSource:
         self._stop.set()
         self._buffer.close()
 
-    def __enter__(self) -> VideoSource:
+    def __enter__(self: _Source) -> _Source:
         return self
 
     def __exit__(
