@@ -245,9 +245,13 @@ def test_open_source_with_policy_refuses_frame_files_linking_out(tmp_path: Path)
     cv2.imwrite(str(tmp_path / "private.png"), pattern_rgb(1, 32, 32))
     (frames / "00001.png").symlink_to(tmp_path / "private.png")
     policy = SourcePolicy(schemes=frozenset({"images"}), directories=(frames,))
+    message = f"source {frames} not allowed: a frame file links outside the allowed folders"
+    with pytest.raises(SourceNotAllowedError) as caught:
+        policy.check(parse_source(str(frames)))
+    assert str(caught.value) == message
     with pytest.raises(SourceNotAllowedError) as caught:
         open_source(str(frames), policy=policy)
-    assert str(caught.value) == f"source {frames} not allowed: a frame file links outside the allowed folders"
+    assert str(caught.value) == message
     with pytest.raises(SourceNotAllowedError, match="scheme 'rtsp' is not allowed here"):
         open_source("rtsp://127.0.0.1:9/x", policy=policy)
 

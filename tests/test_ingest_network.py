@@ -375,6 +375,7 @@ def test_udp_mpegts_sender_stops_and_comes_back(tmp_path: Path) -> None:
             sender.stop()  # silence: only the read timeout can notice
             dropped = source.events.wait_for(EventKind.DROPPED, timeout=10)
             assert dropped is not None
+            assert dropped.message == f"udp://127.0.0.1:{port} dropped: no data within the read timeout"
             sender.start()
             back = source.events.wait_for(EventKind.RECONNECTED, timeout=30)
             assert back is not None, source.events.snapshot()

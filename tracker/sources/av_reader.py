@@ -208,6 +208,8 @@ def _drain(codec: av.VideoCodecContext, count: Callable[..., None]) -> Iterator[
 
 def _reason(exc: BaseException) -> str:
     """The error's text without the URL PyAV appends (it may hold credentials)."""
+    if isinstance(exc, (av.error.ExitError, av.error.TimeoutError)):
+        return "no data within the read timeout"  # ExitError: PyAV's timeout interrupted the read
     if isinstance(exc, av.error.FFmpegError) and exc.strerror:
         return str(exc.strerror)
     return type(exc).__name__

@@ -23,12 +23,9 @@ from tracker.errors import SourceNotAllowedError, SourceNotFoundError, SourceUns
 from tracker.sources.base import Pacer, ThreadedSource
 from tracker.sources.delivery import SourceEvent
 from tracker.sources.frame import FrameConverter
-from tracker.sources.spec import SourcePolicy, SourceSpec
+from tracker.sources.spec import IMAGE_SUFFIXES, SourcePolicy, SourceSpec
 
 log = logging.getLogger("tracker.ingest")
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
 
 def list_image_files(folder: Path) -> list[Path]:
     """The folder's JPEG/PNG files in frame order (numeric names numerically, others naturally)."""

@@ -36,6 +36,8 @@ EOF_IS_DROP_KINDS: frozenset[str] = frozenset({"rtsp", "rtmp", "udp", "rtp"})
 SCHEMES: tuple[str, ...] = (
     "file", "images", "rtsp", "rtsps", "http", "https", "udp", "rtp", "rtmp", "rtmps", "v4l2", "push",
 )
+#: Files an image folder source reads (case-insensitive suffixes).
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 #: OpenCV preprocessing steps, applied in the order given (see ``tracker.sources.frame``).
 PREPROCESS_STEPS: tuple[str, ...] = ("clahe", "denoise", "denoise_nlm")
 RTSP_TRANSPORTS: tuple[str, ...] = ("tcp", "udp", "udp_multicast", "http", "https")
@@ -403,6 +405,8 @@ class SourcePolicy:
         if spec.kind in ("file", "images"):
             if not self.allows_path(spec.location):
                 raise SourceNotAllowedError(f"{prefix}: the path is outside the allowed folders")
+            if spec.kind == "images" and not all(self.allows_path(p) for p in _image_files(spec.location)):
+                raise SourceNotAllowedError(f"{prefix}: a frame file links outside the allowed folders")
         elif spec.kind == "v4l2":
             if spec.location not in self.devices:
                 raise SourceNotAllowedError(f"{prefix}: device {spec.location} is not allowed here")
@@ -433,3 +437,11 @@ class SourcePolicy:
                 except ValueError:
                     continue
         return False
+
+
+def _image_files(folder: str) -> list[Path]:
+    """The files an image-folder source would read (for the allowlist's symlink check)."""
+    try:
+        return [p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    except OSError:
+        return []
