@@ -108,7 +108,7 @@ class FrameConverter:
         rgb_frame = self._reformatter.reformat(
             av_frame, width=scale_w, height=scale_h, format="rgb24", interpolation=self._interpolation
         )
-        image_rgb = rgb_frame.to_ndarray()
+        image_rgb: np.ndarray = rgb_frame.to_ndarray()
         if turns:
             image_rgb = cv2.rotate(image_rgb, _ROTATE_CODES[turns])
         image_rgb = self._preprocess(np.ascontiguousarray(image_rgb))
