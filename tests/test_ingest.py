@@ -505,6 +505,16 @@ def test_errors_name_the_source_and_what_to_do(tmp_path: Path) -> None:
         open_source(f"images:{tmp_path / 'gone'}")
     assert str(caught.value) == f"source not found: images:{tmp_path / 'gone'} (no such folder)"
 
+    garbled = make_clip(tmp_path / "garbled.mp4", "libx264", n_frames=10).path
+    data = bytearray(garbled.read_bytes())
+    mdat = data.find(b"mdat") + 4  # every coded picture replaced by noise; the index (moov) stays valid
+    end = mdat - 8 + int.from_bytes(data[mdat - 8:mdat - 4], "big")
+    data[mdat:end] = np.random.default_rng(1).integers(0, 256, end - mdat, dtype=np.uint8).tobytes()
+    garbled.write_bytes(bytes(data))
+    with pytest.raises(SourceUnsupportedError) as caught:
+        open_source(str(garbled))
+    assert str(caught.value).startswith(f"cannot read {garbled}: none of its h264 video decodes (")
+
     with pytest.raises(SourceNotFoundError) as caught:
         open_source("/dev/video99")
     assert str(caught.value) == ("source not found: /dev/video99 (no such camera; list cameras with "

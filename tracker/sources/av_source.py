@@ -46,6 +46,12 @@ class AVSource(ThreadedSource):
         try:
             frames = iter_video_frames(container, stream, self._buffer.count)
             first = self._first_frame(frames)
+            failed = self._buffer.stats_snapshot().decode_errors
+            if first is None and failed:
+                raise SourceUnsupportedError(
+                    f"cannot read {spec.display}: none of its {stream.codec_context.name} video decodes "
+                    f"({failed} packets failed)"
+                )
         except BaseException:
             container.close()
             raise
