@@ -115,7 +115,7 @@ def run_bare(model, frames, clicks) -> list[float]:
     s = model.image_size
 
     def feats(img):
-        out = model.forward_image(pre._preprocess(img))
+        out = model.forward_image(pre.to_model_input(img))
         _, vf, vp, fs = model._prepare_backbone_features(out)
         return vf, vp, fs
 

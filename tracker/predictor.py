@@ -231,7 +231,7 @@ class StreamingPredictor:
         annotator) place frames at their own indices, in any order.
         """
         with self._lock:
-            img = self._preprocess(image_rgb)
+            img = self.to_model_input(image_rgb)
             if source_size is None:
                 source_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
             with autocast_context(self.device):
@@ -477,7 +477,7 @@ class StreamingPredictor:
         interp = cv2.INTER_AREA if (h > s or w > s) else cv2.INTER_LINEAR
         return cv2.resize(image_rgb, (s, s), interpolation=interp)
 
-    def _preprocess(self, image_rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def to_model_input(self, image_rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
         """HxWx3 uint8 RGB → 1x3xSxS normalised, as Meta's ``load_video_frames`` does."""
         resized = self.prepare(image_rgb)
         img = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).float() / 255.0

@@ -122,6 +122,7 @@ class TrackingSession:
         self._sub_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._mailbox: Any = None  # newest unprocessed frame (one slot)
+        self._encoded_idx: int | None = None  # set by the worker between encode and propagate
         self._not_visible: dict[int, int] = {}  # obj_id -> consecutive frames with score <= 0
         self._lost: set[int] = set()
         self._stop = threading.Event()
@@ -410,7 +411,7 @@ class InferenceWorker:
         self.batched_frames += len(items)
         self._encode_batch(items)
         for session, frame, _ in items:
-            if getattr(session, "_encoded_idx", None) is None:
+            if session._encoded_idx is None:
                 continue
             t0 = time.perf_counter()
             try:
@@ -433,7 +434,7 @@ class InferenceWorker:
             session._encoded_idx = None
             session.stats.times.queue_wait.append(t0 - queued_s)
             try:
-                good.append((session, frame, session.predictor._preprocess(frame.image_rgb)))
+                good.append((session, frame, session.predictor.to_model_input(frame.image_rgb)))
             except Exception as e:
                 session.fail_step(e)
         if not good:
