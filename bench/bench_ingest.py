@@ -20,9 +20,9 @@ Allocator note: at full 1080p, file mode keeps several 6 MB frames alive at
 once (the queue), and glibc returns freed blocks of that size to the kernel,
 so each new frame page-faults (~0.5-1 ms CPU per frame on a 2-core VM); the
 bare loop frees each frame before the next and reuses the same block.
-``--tune-malloc`` sets glibc's trim/mmap thresholds (what the environment
-variables ``MALLOC_TRIM_THRESHOLD_=536870912 MALLOC_MMAP_THRESHOLD_=268435456``
-do for a deployment) for both sides of the comparison.
+``--tune-malloc`` calls ``tracker.ingest.keep_frame_memory()`` (glibc's
+trim/mmap thresholds, as ``MALLOC_TRIM_THRESHOLD_=536870912
+MALLOC_MMAP_THRESHOLD_=268435456`` would) for both sides of the comparison.
 
 Usage::
 
@@ -50,22 +50,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracker.ingest import open_source, output_size_hw  # noqa: E402
+from tracker.ingest import keep_frame_memory, open_source, output_size_hw  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CLIP = ROOT.parent / "shared" / "videos" / "moviepy__smpte-2997.mp4"
-
-
-def tune_malloc() -> bool:
-    """Keep freed frame-sized blocks in the process (glibc only); True if applied."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 256 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 512 * 2**20))
-    except (OSError, AttributeError):
-        return False
 
 
 def make_1080p_clip(path: Path, n_frames: int = 250) -> Path:
@@ -161,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-malloc", action="store_true", help="see 'Allocator note' above")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.tune_malloc and not tune_malloc():
+    if args.tune_malloc and not keep_frame_memory():
         print("--tune-malloc: not glibc; running without it")
 
     clip = args.clip or (SHARED_CLIP if SHARED_CLIP.exists() else make_1080p_clip(ROOT / "bench" / "out" / "clip_1080p.mp4"))

@@ -26,7 +26,8 @@ Example::
                 print(event.kind, event.message)   # credentials redacted
 
 The server checks client-supplied sources with :class:`SourcePolicy` before
-opening them. What does not live here: the model, prompts, the network server.
+opening them. Programs decoding full-resolution video in file mode may call
+:func:`keep_frame_memory` once at start-up (see there: an allocator setting). What does not live here: the model, prompts, the network server.
 The implementation is in :mod:`tracker.sources`.
 """
 
@@ -39,7 +40,7 @@ from tracker.errors import SourceError
 from tracker.sources.av_source import AVSource
 from tracker.sources.base import VideoSource
 from tracker.sources.delivery import EventKind, EventLog, FrameBuffer, SourceEvent, SourceStats
-from tracker.sources.frame import Frame, FrameConverter, output_size_hw, quarter_turns
+from tracker.sources.frame import Frame, FrameConverter, keep_frame_memory, output_size_hw, quarter_turns
 from tracker.sources.images import ImageFolderSource, list_image_files
 from tracker.sources.push import PushSource
 from tracker.sources.spec import (
@@ -69,6 +70,7 @@ __all__ = [
     "SourceSpec",
     "SourceStats",
     "VideoSource",
+    "keep_frame_memory",
     "list_image_files",
     "open_source",
     "output_size_hw",
