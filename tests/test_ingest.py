@@ -728,3 +728,33 @@ def test_keep_frame_memory_is_opt_in_and_works_on_glibc() -> None:
                          cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
     expected = "True" if platform.libc_ver()[0] == "glibc" else "False"
     assert out == expected
+
+
+def test_a_crashing_reader_fails_visibly_without_leaking_credentials(monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """An unexpected exception in the decode thread ends the stream with a SourceError, password scrubbed."""
+    from tracker.sources.base import ThreadedSource
+
+    class Boom(ThreadedSource):
+        def _run(self) -> None:
+            raise OSError(f"[Errno 5] Input/output error: '{self.spec.uri}'")
+
+    source = Boom(parse_source("rtsp://op:pw-999@127.0.0.1:9/cam"))
+    source._start()
+    with pytest.raises(SourceError) as caught:
+        next(source)
+    assert str(caught.value) == ("reading rtsp://op:***@127.0.0.1:9/cam failed: OSError: "
+                                 "[Errno 5] Input/output error: 'rtsp://op:***@127.0.0.1:9/cam'")
+    assert [e.kind for e in source.events] == [EventKind.FAILED]
+    assert "pw-999" not in caplog.text and "rtsp://op:***@" in caplog.text
+
+
+def test_a_failing_event_callback_does_not_stop_the_source(tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "c.mp4", "libx264", n_frames=5)
+
+    def broken(event: object) -> None:
+        raise RuntimeError("consumer bug")
+
+    with open_source(str(clip.path), on_event=broken) as source:
+        assert len(list(source)) == 5
+        assert [e.kind for e in source.events] == [EventKind.ENDED]

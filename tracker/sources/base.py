@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import TypeVar
@@ -181,8 +182,12 @@ class ThreadedSource(VideoSource):
         try:
             self._run()
         except Exception as exc:  # a bug must end the stream visibly, not hang the consumer
-            log.exception("reading %s failed", self.spec.display)
-            self._fail(SourceError(f"reading {self.spec.display} failed: {type(exc).__name__}: {exc}"))
+            # PyAV puts the URL (with any password) in its messages: scrub it, and log
+            # the traceback's frames without the message.
+            message = str(exc).replace(self.spec.uri, self.spec.display)
+            log.error("reading %s failed: %s: %s\n%s", self.spec.display, type(exc).__name__, message,
+                      "".join(traceback.format_tb(exc.__traceback__)))
+            self._fail(SourceError(f"reading {self.spec.display} failed: {type(exc).__name__}: {message}"))
 
     def close(self) -> None:
         """Stop the thread and wait for it (at most ``timeout_s`` + 2 s: a read may be blocked)."""

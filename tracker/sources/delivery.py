@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 from tracker.errors import SourceError
 from tracker.sources.frame import Frame
+
+log = logging.getLogger("tracker.ingest")
 
 
 @dataclass
@@ -94,7 +97,10 @@ class EventLog:
             self._events.append(event)
             self._cond.notify_all()
         if self._callback is not None:
-            self._callback(event)
+            try:
+                self._callback(event)
+            except Exception:  # a consumer's bug must not stop the decoder
+                log.exception("on_event callback failed for %s", event.kind.value)
         return event
 
     def snapshot(self) -> list[SourceEvent]:
