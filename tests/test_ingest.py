@@ -758,3 +758,23 @@ def test_a_failing_event_callback_does_not_stop_the_source(tmp_path: Path) -> No
     with open_source(str(clip.path), on_event=broken) as source:
         assert len(list(source)) == 5
         assert [e.kind for e in source.events] == [EventKind.ENDED]
+
+
+def test_ffmpeg_options_per_kind() -> None:
+    """Timeouts in FFmpeg's units and names per protocol; latency flags only where live."""
+    from tracker.sources.av_reader import ffmpeg_options
+
+    rtsp = ffmpeg_options(parse_source("rtsp://cam/s", timeout_s=2.5, rtsp_transport="udp"))
+    assert (rtsp["rtsp_transport"], rtsp["timeout"], rtsp["fflags"], rtsp["max_delay"]) == ("udp", "2500000", "nobuffer", "500000")
+    rtmp = ffmpeg_options(parse_source("rtmp://h/live/k", timeout_s=3))
+    assert rtmp["rw_timeout"] == "3000000" and "timeout" not in rtmp  # rtmp's "timeout" would make it listen
+    http_file = ffmpeg_options(parse_source("https://h/a.mp4", mode="file", ca_file="/ca.pem"))
+    assert (http_file["rw_timeout"], http_file["tls_verify"], http_file["ca_file"]) == ("10000000", "1", "/ca.pem")
+    assert "fflags" not in http_file  # file mode keeps every packet
+    udp = ffmpeg_options(parse_source("udp://@:5000", timeout_s=1))
+    assert (udp["timeout"], udp["overrun_nonfatal"], udp["protocol_whitelist"]) == ("1000000", "1", "udp")
+    cam = ffmpeg_options(parse_source("/dev/video0", size="640x480", fps=30, input_format="mjpeg"))
+    assert (cam["video_size"], cam["framerate"], cam["input_format"], cam["fflags"]) == ("640x480", "30", "mjpeg", "nobuffer")
+    assert ffmpeg_options(parse_source("a.mp4"))["protocol_whitelist"] == "file"
+    assert ffmpeg_options(parse_source("https://h/x.m3u8"))["protocol_whitelist"] == "http,https,tcp,tls,crypto"
+    assert ffmpeg_options(parse_source("rtsp://c/s", av_options={"timeout": "5"}))["timeout"] == "5"
