@@ -1,0 +1,170 @@
+"""Frame taps: a session's processed frames paired with their results.
+
+A :class:`~tracker.results.FrameResult` carries no image, so a session's
+subscribers cannot send the picture the masks belong to. :func:`frame_tap`
+returns the one :class:`FrameTap` of a session, which hands its subscribers
+:class:`TappedFrame` objects (the frame the model saw + its result) and the
+session's events, on the inference worker thread.
+
+Which hook it uses: a session with ``subscribe_frames(callback(frame,
+result))`` (the small ``tracker/session.py`` addition proposed with this
+module) is tapped through it. Until then the tap wraps the session's
+``take_frame`` (the inference worker's one way to take a frame) to remember
+the last few frames the worker took, and pairs each result with its frame by
+``source_index``. Only frames the model takes are kept, so ``keep`` frames
+cover the batch in flight; nothing else in the session changes.
+
+The tap subscribes to its session only while it has subscribers of its own,
+so an unwatched session is still closed as idle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tracker.results import FrameResult
+from tracker.session import SessionEvent, TrackingSession
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TappedFrame:
+    """One processed frame: ``image_rgb`` (H x W x 3 uint8, as the model got it from
+    the source, so resized when the source resizes) and the ``result`` computed on it
+    (masks at the source size, ``result.height`` x ``result.width``)."""
+
+    image_rgb: np.ndarray
+    result: FrameResult
+
+
+TapSubscriber = Callable[["TappedFrame | SessionEvent"], None]
+
+
+class FrameTap:
+    """Pairs a session's frames with its results; get it with :func:`frame_tap`."""
+
+    def __init__(self, session: TrackingSession, *, keep: int = 8) -> None:
+        self.session = session
+        self.keep = keep
+        self._lock = threading.Lock()  # subscribers and kept frames
+        self._attach_lock = threading.RLock()  # attaching to / detaching from the session
+        self._subscribers: dict[int, TapSubscriber] = {}
+        self._ids = itertools.count(1)
+        self._session_subs: list[int] = []
+        self._taken: OrderedDict[int, Any] = OrderedDict()  # source index -> Frame (fallback hook)
+        self._wrapped_take: Callable[[], Any] | None = None
+        self.unpaired = 0  # results whose frame was no longer (or never) kept
+
+    def subscribe(self, callback: TapSubscriber) -> int:
+        """``callback`` gets every :class:`TappedFrame` and :class:`SessionEvent` (worker thread; must not block)."""
+        with self._attach_lock:
+            with self._lock:
+                sub_id = next(self._ids)
+                self._subscribers[sub_id] = callback
+            if not self._session_subs:
+                self._attach()
+        return sub_id
+
+    def unsubscribe(self, sub_id: int) -> None:
+        with self._attach_lock:
+            with self._lock:
+                self._subscribers.pop(sub_id, None)
+                empty = not self._subscribers
+            if empty and self._session_subs:
+                self._detach()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    # ------------------------------------------------------------ session side
+
+    def _attach(self) -> None:
+        session = self.session
+        if hasattr(session, "subscribe_frames"):
+            self._session_subs = [session.subscribe_frames(self._on_frame), session.subscribe(self._on_event)]
+            return
+        original = type(session).take_frame.__get__(session)
+
+        def take_frame() -> Any:
+            item = original()
+            if item is not None:
+                frame = item[0]
+                with self._lock:
+                    self._taken[frame.index] = frame
+                    while len(self._taken) > self.keep:
+                        self._taken.popitem(last=False)
+            return item
+
+        session.take_frame = take_frame  # type: ignore[method-assign]
+        self._wrapped_take = take_frame
+        self._session_subs = [session.subscribe(self._on_item)]
+
+    def _detach(self) -> None:
+        for sub_id in self._session_subs:
+            self.session.unsubscribe(sub_id)
+        self._session_subs = []
+        if self._wrapped_take is not None and self.session.__dict__.get("take_frame") is self._wrapped_take:
+            del self.session.take_frame  # the class's method again
+        self._wrapped_take = None
+        with self._lock:
+            self._taken.clear()
+
+    def _on_item(self, item: FrameResult | SessionEvent) -> None:
+        if isinstance(item, SessionEvent):
+            self._on_event(item)
+            return
+        with self._lock:
+            frame = self._taken.pop(item.source_index, None) if item.source_index is not None else None
+            for index in [i for i in self._taken if item.source_index is not None and i < item.source_index]:
+                del self._taken[index]  # older frames whose step failed
+        if frame is None:
+            self.unpaired += 1
+            return
+        self._on_frame(frame, item)
+
+    def _on_frame(self, frame: Any, result: FrameResult) -> None:
+        self._fan_out(TappedFrame(frame.image_rgb, result))
+
+    def _on_event(self, event: SessionEvent) -> None:
+        self._fan_out(event)
+        if event.kind == "closed":
+            with self._attach_lock:
+                with self._lock:
+                    self._subscribers.clear()
+                if self._session_subs:
+                    self._detach()
+
+    def _fan_out(self, item: TappedFrame | SessionEvent) -> None:
+        with self._lock:
+            subs = list(self._subscribers.values())
+        for callback in subs:
+            try:
+                callback(item)
+            except Exception:  # one broken viewer must not starve the others
+                logger.exception("frame tap of session %s: subscriber failed", self.session.id)
+
+
+_taps_lock = threading.Lock()
+
+
+def frame_tap(session: TrackingSession) -> FrameTap:
+    """The session's one :class:`FrameTap`, made on first use and kept with the session.
+
+    One per session, so the frame hook is installed once however many
+    viewers watch; it is removed while nobody is subscribed.
+    """
+    with _taps_lock:
+        tap = session.__dict__.get("_frame_tap")
+        if tap is None:
+            tap = session._frame_tap = FrameTap(session)  # type: ignore[attr-defined]
+        return tap
