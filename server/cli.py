@@ -1,0 +1,161 @@
+"""The ``sam2-stream`` command: ``serve`` plus every subcommand of :mod:`tracker.cli`.
+
+``sam2-stream serve --config server.toml`` loads the model once, starts the
+WebSocket service and runs until SIGINT/SIGTERM, then stops gracefully
+(sessions closed, clients told, connections closed, worker stopped). Flags
+override the config file; without a file, the defaults of
+:mod:`server.config` apply (loopback, port 8765, no sources: add some with
+``--source NAME=URI``)::
+
+    sam2-stream serve --random-weights 0 --image-size 256 --config samples/server.toml
+    sam2-stream serve --host 0.0.0.0 --token "$TOKEN" --source cam1=rtsp://10.0.0.5/stream
+
+The console script points here (``pyproject.toml``), so ``track``,
+``annotate`` and ``segment`` keep working through the same entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from server.config import ConfigError, ServerConfig, SourceEntry, load_config
+from tracker.cli import add_model_args
+from tracker.cli import build_parser as build_tracker_parser
+from tracker.errors import TrackerError
+
+logger = logging.getLogger("sam2-stream")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise RuntimeError("tracker.cli.build_parser() has no subcommands")
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    s = sub.add_parser(
+        "serve",
+        help="run the live service: WebSocket protocol, tracking sessions, /healthz and /metrics",
+        description="Run the live tracking service. Flags override the --config file.",
+    )
+    s.add_argument("--config", help="TOML config file (see samples/server.toml and server/config.py)")
+    s.add_argument("--host", help="interface to bind (default 127.0.0.1; anything else needs a token)")
+    s.add_argument("--port", type=int, help="TCP port (default 8765; 0 picks a free one)")
+    s.add_argument("--token", help="bearer token clients must send (default: $SAM2_STREAM_TOKEN)")
+    s.add_argument(
+        "--source", action="append", default=[], metavar="NAME=URI",
+        help="a named source clients may open, e.g. cam1=rtsp://10.0.0.5/stream (repeatable)",
+    )
+    s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="accept browsers from this Origin only (repeatable; default: any)")
+    s.add_argument("--tls-cert", help="PEM certificate: serve wss:// and https://")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--max-sessions", type=int, help="sessions open at once (default 8)")
+    s.add_argument("--max-objects", type=int, help="objects per session (default 16)")
+    s.add_argument("--max-batch", type=int, help="sessions' frames per image-encoder call (default 4)")
+    s.add_argument("--idle-timeout", type=float, metavar="S", help="close sessions nobody watched for S seconds (default 60)")
+    add_model_args(s)
+    s.set_defaults(func=cmd_serve, model=None, device=None)
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = build_tracker_parser()
+    add_serve_parser(_subcommands(parser))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The config file (if any) with the command line's flags applied on top."""
+    config = load_config(args.config)
+    srv, model, limits = config.server, config.model, config.limits
+    for attr, value in (("host", args.host), ("port", args.port), ("token", args.token),
+                        ("tls_cert", args.tls_cert), ("tls_key", args.tls_key)):
+        if value is not None:
+            setattr(srv, attr, value)
+    if args.allow_origin:
+        srv.allow_origins = list(args.allow_origin)
+    for attr, value in (("max_sessions", args.max_sessions), ("max_objects", args.max_objects),
+                        ("idle_timeout_s", args.idle_timeout)):
+        if value is not None:
+            setattr(limits, attr, value)
+    for attr, value in (("name", args.model), ("checkpoint", args.checkpoint), ("device", args.device),
+                        ("image_size", args.image_size), ("random_weights", args.random_weights),
+                        ("max_batch", args.max_batch)):
+        if value is not None:
+            setattr(model, attr, value)
+    sources = dict(config.sources)
+    for text in args.source:
+        name, sep, uri = text.partition("=")
+        if not sep or not name or not uri:
+            raise ConfigError(f"--source {text!r}: expected NAME=URI, e.g. cam1=rtsp://10.0.0.5/stream")
+        sources[name] = SourceEntry(uri=uri)
+    config.sources = sources
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import TrackingServer
+    from tracker.model import build_model
+
+    config = config_from_args(args)
+    config.check()
+    m = config.model
+    logger.info("loading model %s%s on %s%s", m.name, f" at {m.image_size} px" if m.image_size else "",
+                m.device, f" from {m.checkpoint}" if m.checkpoint else "")
+    model = build_model(
+        m.name,
+        checkpoint=config.resolve(m.checkpoint) if m.checkpoint else None,
+        device=m.device,
+        image_size=m.image_size,
+        random_weights_seed=m.random_weights,
+    )
+    server = TrackingServer(config, model)
+    return asyncio.run(_serve(server))
+
+
+async def _serve(server) -> int:  # type: ignore[no-untyped-def]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread / Windows
+            pass
+    await server.start()
+    try:
+        await stop.wait()
+        logger.info("signal received; stopping")
+    finally:
+        await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:  # one line per HTTP request / connection is the server's own log's job
+        logging.getLogger("sam2-stream.websockets").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except TrackerError as e:
+        logger.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        logger.warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""The server's configuration file and the sources it serves.
+
+A TOML file (``sam2-stream serve --config server.toml``) read with ``tomllib``
+through msgspec, so a wrong key or type is refused at start-up with its path
+(``Expected `int`, got `str` - at `$.server.port```), not at the first client::
+
+    [server]
+    host = "127.0.0.1"          # a non-loopback host needs a token
+    port = 8765
+    token = "…"                 # or the SAM2_STREAM_TOKEN environment variable
+    allow_origins = ["https://ops.example.org"]
+    tls_cert = "cert.pem"       # both: wss:// and https://
+    tls_key = "key.pem"
+
+    [model]
+    name = "sam2.1-tiny"
+    image_size = 512
+
+    [limits]
+    max_sessions = 8
+    max_objects = 16
+    prompts_per_s = 20
+
+    [policy]                    # what clients may open by URI (default: nothing)
+    allow_schemes = ["rtsp"]
+    allow_hosts = ["10.0.0.0/8"]
+    allow_dirs = ["/data/videos"]
+
+    [sources]                   # what clients open by name
+    cam1 = "rtsp://user:pw@10.0.0.5/stream"
+    clip = { uri = "clip.mp4", loop = true, options = { resize = 640 } }
+
+Relative paths (sources, ``allow_dirs``, TLS files) are relative to the file's
+folder. Files named here play as a live camera (``mode = "live"``,
+``realtime = true``) and loop unless ``loop = false``.
+
+Also here: :class:`SourceCatalog` (opens a configured name, or a URI the
+policy allows) and :class:`LoopingSource`. Errors: :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import ssl
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import msgspec
+
+from tracker.errors import SourceError, SourceNotAllowedError, TrackerError
+from tracker.ingest import Frame, SourcePolicy, SourceSpec, VideoSource, open_source, parse_source
+from tracker.sources.base import ThreadedSource
+
+logger = logging.getLogger("sam2-stream.config")
+
+TOKEN_ENV = "SAM2_STREAM_TOKEN"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+OptionValue = Union[bool, int, float, str, list[Union[int, float, str]]]
+
+
+class ConfigError(TrackerError):
+    """The server's configuration cannot be used (bad file, missing token, bad TLS files)."""
+
+
+class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8765
+    token: str | None = None
+    #: None: required unless bound to loopback
+    require_token: bool | None = None
+    allow_origins: list[str] = []
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: largest client message; larger ones close the connection (1009)
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 2**20)] = 2**20
+    ping_interval_s: Annotated[float, msgspec.Meta(gt=0)] | None = 20.0
+    ping_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = 20.0
+    #: kernel send buffer per client: bounds how stale a slow client's frames get
+    send_buffer_bytes: Annotated[int, msgspec.Meta(ge=1024)] | None = 256 * 1024
+    #: asyncio write buffer per client before a send waits (and newer frames replace older)
+    write_limit_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024
+    max_clients: Annotated[int, msgspec.Meta(ge=1)] = 256
+    #: a status line in the log this often while sessions run (0: never)
+    log_every_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+
+
+class ModelSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str = "sam2.1-tiny"
+    checkpoint: str | None = None
+    device: str = "auto"
+    image_size: Annotated[int, msgspec.Meta(ge=64, le=4096)] | None = None
+    random_weights: int | None = None
+    #: newest frames of up to this many sessions share one image-encoder call
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+
+
+class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_sessions: Annotated[int, msgspec.Meta(ge=1)] = 8
+    max_objects: Annotated[int, msgspec.Meta(ge=1)] = 16
+    lost_after_frames: Annotated[int, msgspec.Meta(ge=1)] = 15
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    prompts_per_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+    prompt_burst: Annotated[float, msgspec.Meta(ge=1)] = 40.0
+    opens_per_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    open_burst: Annotated[float, msgspec.Meta(ge=1)] = 5.0
+    prompt_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    #: replies/events waiting for a client that does not read; beyond it the client is closed
+    max_pending_messages: Annotated[int, msgspec.Meta(ge=8)] = 256
+
+
+class PolicySection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What a client may open by URI; see ``tracker.ingest.SourcePolicy``."""
+
+    allow_schemes: list[str] = []
+    allow_dirs: list[str] = []
+    allow_hosts: list[str] = []
+    allow_devices: list[str] = []
+    allow_av_options: bool = False
+
+
+class SourceEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    uri: str
+    #: files: start again at the end (default true); ignored for live sources
+    loop: bool | None = None
+    options: dict[str, OptionValue] = {}
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerSection = msgspec.field(default_factory=ServerSection)
+    model: ModelSection = msgspec.field(default_factory=ModelSection)
+    limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    policy: PolicySection = msgspec.field(default_factory=PolicySection)
+    sources: dict[str, Union[str, SourceEntry]] = {}
+    #: folder relative paths are read from (the config file's); not a file key
+    base_dir: str | None = None
+
+    # ------------------------------------------------------------ derived
+
+    def resolve(self, path: str) -> str:
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.base_dir:
+            p = Path(self.base_dir) / p
+        return str(p)
+
+    def token(self) -> str | None:
+        """The bearer token clients must send: the file's, else ``$SAM2_STREAM_TOKEN``."""
+        return self.server.token or os.environ.get(TOKEN_ENV) or None
+
+    def requires_token(self) -> bool:
+        if self.server.require_token is not None:
+            return self.server.require_token
+        return self.token() is not None or not is_loopback(self.server.host)
+
+    def source_policy(self) -> SourcePolicy:
+        p = self.policy
+        return SourcePolicy(
+            schemes=frozenset(s.lower() for s in p.allow_schemes),
+            directories=tuple(Path(self.resolve(d)) for d in p.allow_dirs),
+            hosts=tuple(p.allow_hosts),
+            devices=tuple(p.allow_devices),
+            allow_av_options=p.allow_av_options,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        cert, key = self.server.tls_cert, self.server.tls_key
+        if not cert and not key:
+            return None
+        if not (cert and key):
+            raise ConfigError("TLS needs both a certificate and a key: pass --tls-cert CERT.pem --tls-key KEY.pem")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.resolve(cert), self.resolve(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate {cert} / key {key}: {exc}") from None
+        return context
+
+    def check(self) -> None:
+        """Refuse what would start an unsafe or broken server.
+
+        Raises:
+            ConfigError: a public bind without a token, a bad source name or
+                source, half a TLS configuration.
+        """
+        if self.requires_token() and not self.token():
+            raise ConfigError(
+                f"the server binds to {self.server.host}, not loopback, so clients need a token: "
+                f"set {TOKEN_ENV}, pass --token, or set [server] token in the config file"
+            )
+        for name in self.sources:
+            if not _NAME_RE.match(name):
+                raise ConfigError(f"source name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
+        catalog = SourceCatalog(self)
+        for name in self.sources:
+            catalog.spec(name)
+        self.ssl_context()
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> ServerConfig:
+    """Read a config file (None: the defaults).
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or a key or value is wrong
+            (the message names the file and the key).
+    """
+    if path is None:
+        return ServerConfig()
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {p}: {exc.strerror or exc}") from None
+    try:
+        config = msgspec.toml.decode(data, type=ServerConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    config.base_dir = str(p.resolve().parent)
+    return config
+
+
+# ---------------------------------------------------------------- sources
+
+
+class SourceCatalog:
+    """Opens sources for clients: configured names, or URIs the policy allows."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.policy = config.source_policy()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.config.sources)
+
+    def spec(self, name: str) -> tuple[SourceSpec, bool]:
+        """The parsed spec of a configured name and whether it loops."""
+        entry = self.config.sources[name]
+        if isinstance(entry, str):
+            entry = SourceEntry(uri=entry)
+        uri = entry.uri
+        try:
+            probe = parse_source(uri)
+            if probe.kind in ("file", "images") and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri):
+                uri = self.config.resolve(uri)
+                probe = parse_source(uri)
+            options = dict(entry.options)
+            if probe.kind in ("file", "images"):
+                options.setdefault("mode", "live")
+                options.setdefault("realtime", True)
+            spec = parse_source(uri, **options)
+        except SourceError as exc:
+            raise ConfigError(f"source {name!r} in the config: {exc}") from None
+        loop = entry.loop if entry.loop is not None else spec.kind == "file"
+        return spec, bool(loop and spec.kind == "file")
+
+    def open_named(self, name: str) -> VideoSource:
+        """Open a configured source (blocking: run it off the event loop)."""
+        spec, loop = self.spec(name)
+        if loop:
+            return LoopingSource(spec)
+        return open_source(spec)
+
+    def open_uri(self, uri: str, options: dict[str, Any] | None = None) -> VideoSource:
+        """Open a client-named URI if the policy allows it (blocking).
+
+        Raises:
+            SourceNotAllowedError: the policy refuses it (default: every URI).
+            SourceError: it cannot be parsed or opened.
+        """
+        options = dict(options or {})
+        spec = parse_source(uri, **options)
+        self.policy.check(spec)
+        if spec.kind == "push":
+            raise SourceNotAllowedError(f"source {spec.display} not allowed: push sources are named in the server's config")
+        if spec.kind in ("file", "images") and "realtime" not in options and "mode" not in options:
+            spec = parse_source(uri, mode="live", realtime=True, **options)
+        return open_source(spec)
+
+
+class LoopingSource(ThreadedSource):
+    """A file played as a camera, from the start again each time it ends.
+
+    Frame indices keep counting and PTS keep growing across loops, as they
+    would from a camera, so a session never sees time go backwards.
+    """
+
+    def __init__(self, spec: SourceSpec, max_loops: int | None = None) -> None:
+        super().__init__(spec)
+        self.max_loops = max_loops
+        self.loops = 0
+        self._inner: VideoSource = open_source(spec)  # opening errors go to the opener
+        self.fps = self._inner.fps
+        self.size = self._inner.size
+        self._start()
+
+    def _run(self) -> None:
+        period = 1.0 / self.fps if self.fps else 1.0 / 30.0
+        offset = 0.0
+        last_out: float | None = None
+        while not self._stop.is_set():
+            inner = self._inner
+            first = True
+            delivered = 0
+            try:
+                for frame in inner:
+                    if first and last_out is not None and frame.pts_s is not None:
+                        offset = last_out + period - frame.pts_s
+                    first = False
+                    pts = None if frame.pts_s is None else frame.pts_s + offset
+                    out = Frame(self._next_index, pts, frame.arrival_s, frame.image_rgb, frame.source_size)
+                    self._next_index += 1
+                    if not self._buffer.put(out):
+                        return
+                    delivered += 1
+                    last_out = pts
+            except SourceError as exc:
+                self._fail(exc)
+                return
+            finally:
+                inner.close()
+            if self._stop.is_set():
+                return
+            self.loops += 1
+            if delivered == 0 or (self.max_loops is not None and self.loops >= self.max_loops):
+                self._end()
+                return
+            try:
+                self._inner = open_source(self.spec)
+            except SourceError as exc:
+                self._fail(exc)
+                return
+            if self._stop.is_set():  # closed while reopening
+                self._inner.close()
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._inner.close()
+        super().close()
