@@ -92,7 +92,7 @@ class Raw:
         kw.setdefault("proxy", None)
         kw.setdefault("compression", None)
         kw.setdefault("max_size", 2**24)
-        self.ws = connect(url, open_timeout=20, **kw)
+        self.ws = connect(url, open_timeout=20, **kw).__enter__()  # websockets 17 wants connect() entered
         self.hello = json.loads(self.ws.recv(timeout=20))
         self.frames: list[dict] = []  # frames read while waiting for something else
         self.events: list[dict] = []
