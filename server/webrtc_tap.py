@@ -91,7 +91,7 @@ class FrameTap:
     def _attach(self) -> None:
         session = self.session
         if hasattr(session, "subscribe_frames"):
-            self._session_subs = [session.subscribe_frames(self._on_frame), session.subscribe(self._on_event)]
+            self._session_subs = [session.subscribe_frames(self._on_frame), session.subscribe(self._on_events_only)]
             return
         original = type(session).take_frame.__get__(session)
 
@@ -131,6 +131,10 @@ class FrameTap:
             self.unpaired += 1
             return
         self._on_frame(frame, item)
+
+    def _on_events_only(self, item: FrameResult | SessionEvent) -> None:
+        if isinstance(item, SessionEvent):  # results come with their frames through subscribe_frames
+            self._on_event(item)
 
     def _on_frame(self, frame: Any, result: FrameResult) -> None:
         self._fan_out(TappedFrame(frame.image_rgb, result))

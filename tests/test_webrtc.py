@@ -260,8 +260,11 @@ class FakeFramesSession:
 
         frame = F()
         frame.image_rgb, frame.index = image, index
+        result = FrameResult(index, *image.shape[:2], source_index=index)
         for cb in list(self.frame_subs.values()):
-            cb(frame, FrameResult(index, *image.shape[:2], source_index=index))
+            cb(frame, result)
+        for cb in list(self.subs.values()):  # plain subscribers get results too, as on a real session
+            cb(result)
 
     def emit_event(self, kind: str) -> None:
         for cb in list(self.subs.values()):
