@@ -129,7 +129,8 @@ def prefer_codec(pc: RTCPeerConnection, codec: str) -> None:
     caps = RTCRtpSender.getCapabilities("video").codecs
     for t in pc.getTransceivers():
         if t.kind == "video":
-            t.setCodecPreferences([c for c in caps if c.mimeType == mime] + [c for c in caps if c.mimeType == "video/rtx"])
+            wanted = [c for c in caps if c.mimeType == mime]
+            t.setCodecPreferences(wanted + [c for c in caps if c.mimeType == "video/rtx"][:1])
 
 
 def sent_at(sent_s: dict[int, float], pts_s: float | None) -> float | None:
