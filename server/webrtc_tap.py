@@ -71,7 +71,12 @@ class FrameTap:
                 sub_id = next(self._ids)
                 self._subscribers[sub_id] = callback
             if not self._session_subs:
-                self._attach()
+                try:
+                    self._attach()
+                except Exception:  # e.g. SessionError: the session is closed
+                    with self._lock:
+                        del self._subscribers[sub_id]
+                    raise
         return sub_id
 
     def unsubscribe(self, sub_id: int) -> None:
@@ -105,9 +110,9 @@ class FrameTap:
                         self._taken.popitem(last=False)
             return item
 
+        self._session_subs = [session.subscribe(self._on_item)]  # raises if the session is closed
         session.take_frame = take_frame  # type: ignore[method-assign]
         self._wrapped_take = take_frame
-        self._session_subs = [session.subscribe(self._on_item)]
 
     def _detach(self) -> None:
         for sub_id in self._session_subs:

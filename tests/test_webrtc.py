@@ -35,7 +35,7 @@ from tests.frames import SHAPES, moving_shapes, shape_centres
 from tracker.export import object_colour
 from tracker.ingest import PushSource
 from tracker.results import FrameResult, ObjectResult
-from tracker.session import InferenceWorker, SessionEvent, SessionManager
+from tracker.session import InferenceWorker, SessionError, SessionEvent, SessionManager
 
 H, W = 120, 160
 FPS = 15
@@ -306,6 +306,9 @@ def test_frame_tap_pairs_frames_and_results_on_a_real_session(worker):
     tap.unsubscribe(sub)
     assert "take_frame" not in session.__dict__ and session.subscriber_count == 0
     manager.close_all()
+    with pytest.raises(SessionError, match="is closed"):
+        tap.subscribe(got.put)
+    assert tap.subscriber_count == 0 and "take_frame" not in session.__dict__
 
 
 # ---------------------------------------------------------------- ingest
