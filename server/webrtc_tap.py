@@ -6,13 +6,8 @@ returns the one :class:`FrameTap` of a session, which hands its subscribers
 :class:`TappedFrame` objects (the frame the model saw + its result) and the
 session's events, on the inference worker thread.
 
-Which hook it uses: a session with ``subscribe_frames(callback(frame,
-result))`` (the small ``tracker/session.py`` addition proposed with this
-module) is tapped through it. Until then the tap wraps the session's
-``take_frame`` (the inference worker's one way to take a frame) to remember
-the last few frames the worker took, and pairs each result with its frame by
-``source_index``. Only frames the model takes are kept, so ``keep`` frames
-cover the batch in flight; nothing else in the session changes.
+It subscribes through the session's ``subscribe_frames`` (results with the
+frame each was computed on) and ``subscribe`` (for events).
 
 The tap subscribes to its session only while it has subscribers of its own,
 so an unwatched session is still closed as idle.
@@ -23,7 +18,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,17 +46,13 @@ TapSubscriber = Callable[["TappedFrame | SessionEvent"], None]
 class FrameTap:
     """Pairs a session's frames with its results; get it with :func:`frame_tap`."""
 
-    def __init__(self, session: TrackingSession, *, keep: int = 8) -> None:
+    def __init__(self, session: TrackingSession) -> None:
         self.session = session
-        self.keep = keep
         self._lock = threading.Lock()  # subscribers and kept frames
         self._attach_lock = threading.RLock()  # attaching to / detaching from the session
         self._subscribers: dict[int, TapSubscriber] = {}
         self._ids = itertools.count(1)
         self._session_subs: list[int] = []
-        self._taken: OrderedDict[int, Any] = OrderedDict()  # source index -> Frame (fallback hook)
-        self._wrapped_take: Callable[[], Any] | None = None
-        self.unpaired = 0  # results whose frame was no longer (or never) kept
 
     def subscribe(self, callback: TapSubscriber) -> int:
         """``callback`` gets every :class:`TappedFrame` and :class:`SessionEvent` (worker thread; must not block)."""
@@ -95,47 +85,12 @@ class FrameTap:
 
     def _attach(self) -> None:
         session = self.session
-        if hasattr(session, "subscribe_frames"):
-            self._session_subs = [session.subscribe_frames(self._on_frame), session.subscribe(self._on_events_only)]
-            return
-        original = type(session).take_frame.__get__(session)
-
-        def take_frame() -> Any:
-            item = original()
-            if item is not None:
-                frame = item[0]
-                with self._lock:
-                    self._taken[frame.index] = frame
-                    while len(self._taken) > self.keep:
-                        self._taken.popitem(last=False)
-            return item
-
-        self._session_subs = [session.subscribe(self._on_item)]  # raises if the session is closed
-        session.take_frame = take_frame  # type: ignore[method-assign]
-        self._wrapped_take = take_frame
+        self._session_subs = [session.subscribe_frames(self._on_frame), session.subscribe(self._on_events_only)]
 
     def _detach(self) -> None:
         for sub_id in self._session_subs:
             self.session.unsubscribe(sub_id)
         self._session_subs = []
-        if self._wrapped_take is not None and self.session.__dict__.get("take_frame") is self._wrapped_take:
-            del self.session.take_frame  # the class's method again
-        self._wrapped_take = None
-        with self._lock:
-            self._taken.clear()
-
-    def _on_item(self, item: FrameResult | SessionEvent) -> None:
-        if isinstance(item, SessionEvent):
-            self._on_event(item)
-            return
-        with self._lock:
-            frame = self._taken.pop(item.source_index, None) if item.source_index is not None else None
-            for index in [i for i in self._taken if item.source_index is not None and i < item.source_index]:
-                del self._taken[index]  # older frames whose step failed
-        if frame is None:
-            self.unpaired += 1
-            return
-        self._on_frame(frame, item)
 
     def _on_events_only(self, item: FrameResult | SessionEvent) -> None:
         if isinstance(item, SessionEvent):  # results come with their frames through subscribe_frames

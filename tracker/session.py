@@ -67,6 +67,8 @@ class SessionEvent:
 
 
 Subscriber = Callable[["FrameResult | SessionEvent"], None]
+#: (the Frame the model took, its result): for video egress, which needs the image
+FrameSubscriber = Callable[[Any, FrameResult], None]
 
 
 @dataclass
@@ -119,6 +121,7 @@ class TrackingSession:
         self.created_s = time.time()
         self.last_subscriber_s = time.time()
         self._subscribers: dict[int, Subscriber] = {}
+        self._frame_subscribers: dict[int, FrameSubscriber] = {}
         self._sub_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._mailbox: Any = None  # newest unprocessed frame (one slot)
@@ -141,14 +144,26 @@ class TrackingSession:
             self.last_subscriber_s = time.time()
             return sub_id
 
+    def subscribe_frames(self, callback: FrameSubscriber) -> int:
+        """Like :meth:`subscribe` for results only, with the frame each was computed
+        on: ``callback(frame, result)`` on the worker thread (video egress)."""
+        with self._lock:
+            if self.state == "closed":
+                raise SessionError(f"session {self.id} is closed")
+            sub_id = next(self._sub_ids)
+            self._frame_subscribers[sub_id] = callback
+            self.last_subscriber_s = time.time()
+            return sub_id
+
     def unsubscribe(self, sub_id: int) -> None:
         with self._lock:
             self._subscribers.pop(sub_id, None)
+            self._frame_subscribers.pop(sub_id, None)
             self.last_subscriber_s = time.time()
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscribers)
+        return len(self._subscribers) + len(self._frame_subscribers)
 
     def _publish(self, item: "FrameResult | SessionEvent") -> None:
         with self._lock:
@@ -224,6 +239,7 @@ class TrackingSession:
         self._event("closed", reason)
         with self._lock:
             self._subscribers.clear()
+            self._frame_subscribers.clear()
         # free model state on the worker thread, after any step in flight
         self.worker.submit(self.predictor.close)
 
@@ -292,8 +308,9 @@ class TrackingSession:
     def has_frame(self) -> bool:
         return self._mailbox is not None and self.state == "running"
 
-    def finish_step(self, result: FrameResult) -> None:
-        """Object lifecycle bookkeeping, then fan the result out."""
+    def finish_step(self, result: FrameResult, frame: Any = None) -> None:
+        """Object lifecycle bookkeeping, then fan the result out (with its frame to
+        frame subscribers)."""
         self.stats.frames_processed += 1
         for obj_id, r in result.objects.items():
             if r.visible:
@@ -312,6 +329,14 @@ class TrackingSession:
                         obj_id=obj_id,
                         frame_idx=result.frame_idx,
                     )
+        if frame is not None:
+            with self._lock:
+                frame_subs = list(self._frame_subscribers.values())
+            for callback in frame_subs:
+                try:
+                    callback(frame, result)
+                except Exception:  # a broken subscriber must not stop the session
+                    logger.exception("session %s: frame subscriber failed", self.id)
         self._publish(result)
 
     def fail_step(self, exc: BaseException) -> None:
@@ -423,7 +448,7 @@ class InferenceWorker:
             finally:
                 session._encoded_idx = None
             session.stats.times.track.append(time.perf_counter() - t0)
-            session.finish_step(result)
+            session.finish_step(result, frame)
         return True
 
     def _encode_batch(self, items: list[tuple[TrackingSession, Any, float]]) -> None:
