@@ -191,9 +191,21 @@ class SessionHub:
         Fresh ids are picked here, on the event loop, above every id applied,
         in flight or ever used in this session, so two clients clicking "new
         object" at once get two ids, and a failed prompt uses none up.
+
+        Raises:
+            ProtocolError: ``limit_exceeded`` when a new object would pass
+                ``max_objects``, counting prompts still in flight.
         """
+        known = {*self.session.predictor.obj_ids, *self._inflight_ids}
+        limit = self.session.limits.max_objects
+        if requested not in known and len(known) >= limit:  # counts prompts in flight, unlike the engine
+            raise ProtocolError(
+                "limit_exceeded",
+                f"session {self.session.id} already tracks {limit} objects (the limit); remove one first",
+                field="obj_id",
+            )
         if requested is None:
-            requested = max([*self.session.predictor.obj_ids, *self._inflight_ids, self._max_obj_id]) + 1
+            requested = max([*known, self._max_obj_id]) + 1
         self._inflight_ids.append(requested)
         return requested
 
@@ -289,7 +301,6 @@ class ClientConnection:
             ListSessions: self._list,
             Stats: self._stats,
         }
-
 
     # ---------------------------------------------------------------- output
 

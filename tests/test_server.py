@@ -640,6 +640,7 @@ def test_engine_source_events_after_the_256th_are_still_forwarded(model):
             time.sleep(0.05)
         src.events.emit(EventKind.RECONNECTED, "reconnect 300", 1)
         src.push(FRAMES[1], pts_s=0.1)
+        deadline = time.time() + 8  # one frame's processing, with room to spare
         while "reconnect 300" not in seen and time.time() < deadline:
             time.sleep(0.05)
         assert "reconnect 300" in seen
@@ -666,3 +667,22 @@ def test_two_clients_adding_new_objects_at_once_get_two_ids(model):
         assert sorted([ra["obj_id"], rb["obj_id"]]) == [1, 2]
         source_of(st, sid).push(FRAMES[1], pts_s=1 / 30)
         assert sorted(objects_of(a.next_frame())) == [1, 2]
+
+
+def test_the_object_limit_counts_prompts_in_flight(model):
+    with running(model, make_config(limits={"max_objects": 1})) as st:
+        a, b = Raw(st.url), Raw(st.url)
+        sid = a.request("open", source="cam")["session"]["session_id"]
+        b.request("open", source="cam")
+        source_of(st, sid).push(FRAMES[0], pts_s=0.0)
+        a.next_frame(), b.next_frame()
+        gate = threading.Event()
+        st.server.worker.submit(lambda: gate.wait(30))
+        ida = a.send("add_points", session_id=sid, points_xy=[[30, 30]], labels=[1])
+        time.sleep(0.3)  # a's prompt is in flight, not applied
+        err = b.error("add_points", session_id=sid, points_xy=[[110, 80]], labels=[1])
+        gate.set()
+        assert a.answer(ida)["obj_id"] == 1
+        assert (err["code"], err["message"]) == (
+            "limit_exceeded", f"session {sid} already tracks 1 objects (the limit); remove one first"
+        )
