@@ -580,11 +580,9 @@ def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
         assert text in log, log
 
 
-# ---------------------------------------------------------------- engine gaps found while building the server
+# ---------------------------------------------------------------- engine bugs found while building the server (fixed)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a prompted frame that leaves the prompt window before the next "
-                   "step never gets its memory encoded; every later step of that object fails")
 def test_engine_prompt_then_a_frame_more_than_the_window_later(model):
     predictor = StreamingPredictor(model)
     predictor.track(FRAMES[0], pts_s=0.0)
@@ -594,8 +592,6 @@ def test_engine_prompt_then_a_frame_more_than_the_window_later(model):
     assert 1 in result.objects
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap: TrackingSession.add_prompt(None) picks max(obj_ids)+1 when "
-                   "called, so two new objects prompted before the worker applies the first share one id")
 def test_engine_two_new_objects_prompted_at_once_get_two_ids(model):
     from tracker.session import InferenceWorker, SessionManager
 
@@ -619,8 +615,6 @@ def test_engine_two_new_objects_prompted_at_once_get_two_ids(model):
         worker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: TrackingSession forwards source events by index into "
-                   "EventLog.snapshot(), which holds the last 256 only; from the 257th event on none is forwarded")
 def test_engine_source_events_after_the_256th_are_still_forwarded(model):
     from tracker.ingest import EventKind
     from tracker.session import InferenceWorker, SessionEvent, SessionManager
@@ -650,7 +644,7 @@ def test_engine_source_events_after_the_256th_are_still_forwarded(model):
 
 
 def test_two_clients_adding_new_objects_at_once_get_two_ids(model):
-    """The server hands out fresh ids itself (see the engine gap above)."""
+    """Two clients creating objects at the same moment get two ids."""
     with running(model) as st:
         a, b = Raw(st.url), Raw(st.url)
         sid = a.request("open", source="cam")["session"]["session_id"]

@@ -245,6 +245,7 @@ class StreamingPredictor:
                 source_index=source_index,
             )
 
+    @torch.inference_mode()
     def encode_features(
         self,
         backbone_out: dict[str, Any],
@@ -262,6 +263,9 @@ class StreamingPredictor:
         with self._lock:
             if frame_idx is None:
                 frame_idx = self._next_frame_idx
+            # prompted frames must get their memories while their features are
+            # still held: the new frame may push them out of the window
+            self._consolidate_pending()
             h, w = source_size
             self._remember_frame(frame_idx, backbone_out, (int(h), int(w)), pts_s, arrival_s, source_index)
             self._next_frame_idx = max(self._next_frame_idx, frame_idx + 1)
@@ -714,6 +718,7 @@ class StreamingPredictor:
                 self._encode_prompted_memory(obj, t, out)  # type: ignore[arg-type]
         self._pending.clear()
 
+    @torch.inference_mode()
     def _encode_prompted_memory(self, obj: _ObjectState, frame_idx: int, out: dict[str, Any]) -> None:
         entry = self._frames.get(frame_idx)
         if entry is None:  # left the window before it was ever used: nothing to attend to

@@ -126,6 +126,8 @@ class TrackingSession:
         self._lock = threading.Lock()
         self._mailbox: Any = None  # newest unprocessed frame (one slot)
         self._encoded_idx: int | None = None  # set by the worker between encode and propagate
+        self._pending_ids: set[int] = set()  # object ids prompted, not yet applied by the worker
+        self._last_event_seq = -1  # newest source event already forwarded
         self._not_visible: dict[int, int] = {}  # obj_id -> consecutive frames with score <= 0
         self._lost: set[int] = set()
         self._stop = threading.Event()
@@ -196,14 +198,27 @@ class TrackingSession:
         PromptError/SessionError that refused it.
         """
         self._check_open()
-        if obj_id is None:
-            obj_id = max(self.predictor.obj_ids, default=0) + 1
-        if obj_id not in self.predictor.obj_ids and len(self.predictor.obj_ids) >= self.limits.max_objects:
-            raise SessionError(
-                f"session {self.id} already tracks {self.limits.max_objects} objects (the limit); remove one first"
-            )
+        with self._lock:
+            # ids handed out but not yet applied by the worker count too, so two
+            # clients creating objects at the same moment get two ids
+            known = set(self.predictor.obj_ids) | self._pending_ids
+            if obj_id is None:
+                obj_id = max(known, default=0) + 1
+            if obj_id not in known and len(known) >= self.limits.max_objects:
+                raise SessionError(
+                    f"session {self.id} already tracks {self.limits.max_objects} objects (the limit); remove one first"
+                )
+            self._pending_ids.add(obj_id)
         self.stats.prompts += 1
-        return self.worker.submit(lambda: self.predictor.add_prompt(obj_id, **prompt))
+
+        def run() -> ObjectResult:
+            try:
+                return self.predictor.add_prompt(obj_id, **prompt)
+            finally:
+                with self._lock:
+                    self._pending_ids.discard(obj_id)
+
+        return self.worker.submit(run)
 
     def remove_object(self, obj_id: int) -> "Future[None]":
         self._check_open()
@@ -263,16 +278,18 @@ class TrackingSession:
     # ------------------------------------------------------------ reader / worker side
 
     def _forward_source_events(self) -> bool:
-        """Publish the source's new events; True once it reported its end."""
+        """Publish the source's new events (by sequence number: the log keeps only
+        the newest ones); True once it reported its end."""
         ended = False
-        for ev in self.source.events.snapshot()[self._seen_events :]:
-            self._seen_events += 1
+        for ev in self.source.events.snapshot():
+            if ev.seq <= self._last_event_seq:
+                continue
+            self._last_event_seq = ev.seq
             ended = ended or ev.kind.value in ("ended", "failed")
             self._event(f"source_{ev.kind.value}", ev.message)
         return ended
 
     def _read_loop(self) -> None:
-        self._seen_events = 0
         ended = False
         try:
             for frame in self.source:
