@@ -29,9 +29,12 @@ benchmarks and programs that are not asyncio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import json
+import importlib
+import importlib.util
 import logging
 import re
 import socket
@@ -42,6 +45,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -87,6 +91,11 @@ from server.protocol import (
     SubscriptionStats,
     TokenBucket,
     Unsubscribe,
+    PublishReply,
+    SessionDescription,
+    ViewReply,
+    WebRTCPublish,
+    WebRTCView,
     encode,
     encode_error,
     encode_event,
@@ -165,8 +174,6 @@ class SessionHub:
         self._tap_id: int | None = None
         self._pending: tuple[FrameResult, float | None, float | None] | None = None
         self._encoding = False
-        self._max_obj_id = 0  # highest id a prompt was applied to
-        self._inflight_ids: list[int] = []  # ids of prompts the worker has not answered yet
 
     def add(self, client: ClientConnection, mask_format: str) -> Subscription:
         sub = self.clients.get(client)
@@ -184,35 +191,6 @@ class SessionHub:
         if not self.clients and self._tap_id is not None:
             self.session.unsubscribe(self._tap_id)
             self._tap_id = None
-
-    def reserve_obj_id(self, requested: int | None) -> int:
-        """The id a prompt goes to: ``requested``, or a fresh one.
-
-        Fresh ids are picked here, on the event loop, above every id applied,
-        in flight or ever used in this session, so two clients clicking "new
-        object" at once get two ids, and a failed prompt uses none up.
-
-        Raises:
-            ProtocolError: ``limit_exceeded`` when a new object would pass
-                ``max_objects``, counting prompts still in flight.
-        """
-        known = {*self.session.predictor.obj_ids, *self._inflight_ids}
-        limit = self.session.limits.max_objects
-        if requested not in known and len(known) >= limit:  # counts prompts in flight, unlike the engine
-            raise ProtocolError(
-                "limit_exceeded",
-                f"session {self.session.id} already tracks {limit} objects (the limit); remove one first",
-                field="obj_id",
-            )
-        if requested is None:
-            requested = max([*known, self._max_obj_id]) + 1
-        self._inflight_ids.append(requested)
-        return requested
-
-    def release_obj_id(self, obj_id: int, applied: bool) -> None:
-        self._inflight_ids.remove(obj_id)
-        if applied:
-            self._max_obj_id = max(self._max_obj_id, obj_id)
 
     # ---------------------------------------------------------------- fan-out
 
@@ -281,6 +259,7 @@ class ClientConnection:
         self.closed = False
         self.frames_sent = 0  # all subscriptions, past ones included
         self.frames_dropped = 0
+        self.viewers: list[Any] = []  # server.webrtc.WebRTCViewer, closed with the connection
         self._control: deque[bytes] = deque()
         self._wake = asyncio.Event()
         self._rr = 0
@@ -300,6 +279,8 @@ class ClientConnection:
             Close: self._close,
             ListSessions: self._list,
             Stats: self._stats,
+            WebRTCPublish: self._webrtc_publish,
+            WebRTCView: self._webrtc_view,
         }
 
     # ---------------------------------------------------------------- output
@@ -381,6 +362,9 @@ class ClientConnection:
             self.hubs.clear()
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
+            for viewer in self.viewers:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(viewer.close(), 5)
 
     async def handle(self, message: str | bytes) -> None:
         """Answer one message with a reply or an error; never raises."""
@@ -484,19 +468,14 @@ class ClientConnection:
                 f"retry in {self.prompt_bucket.wait_s():.2f} s",
             )
         session = hub.session
-        obj_id = hub.reserve_obj_id(req.obj_id)
         frame_idx = req.frame_idx if req.frame_idx is not None else hub.last_frame_idx
-        applied = False
         try:
-            try:
-                future = session.add_prompt(obj_id, frame_idx=frame_idx, **prompt)
-            except SessionError as exc:
-                code = "unknown_session" if session.state == "closed" else "limit_exceeded"
-                raise ProtocolError(code, str(exc), field="session_id" if code == "unknown_session" else "obj_id") from None
-            result: ObjectResult = await self.server.wait(future)
-            applied = True
-        finally:
-            hub.release_obj_id(obj_id, applied)
+            # a new object's id is picked by the session, counting prompts still in flight
+            future = session.add_prompt(req.obj_id, frame_idx=frame_idx, **prompt)
+        except SessionError as exc:
+            code = "unknown_session" if session.state == "closed" else "limit_exceeded"
+            raise ProtocolError(code, str(exc), field="session_id" if code == "unknown_session" else "obj_id") from None
+        result: ObjectResult = await self.server.wait(future)
         sub = self.subs.get(session.id)
         fmt = "none" if sub is not None and sub.mask_format == "none" else "rle"
         return PromptReply(
@@ -543,6 +522,38 @@ class ClientConnection:
         hub = self._hub(req.session_id)
         await self.server.close_session(hub.session.id, f"closed by client {self.id}")
         return SessionReply(id=req.id, session_id=hub.session.id, state="closed")
+
+    async def _webrtc_publish(self, req: WebRTCPublish) -> PublishReply:
+        if not self.server.config.webrtc.publish:
+            raise ProtocolError("not_allowed", "this server takes no WebRTC video ([webrtc] publish = false)")
+        if not self.open_bucket.take():
+            raise ProtocolError(
+                "rate_limited",
+                f"more than {self.server.config.limits.opens_per_s:g} opens per second; "
+                f"retry in {self.open_bucket.wait_s():.2f} s",
+            )
+        session, answer = await self.server.open_webrtc_session(req.name, {"sdp": req.offer.sdp, "type": req.offer.type})
+        return PublishReply(
+            id=req.id, session=self.server.session_info(session), answer=SessionDescription(**answer)
+        )
+
+    async def _webrtc_view(self, req: WebRTCView) -> ViewReply:
+        if not self.server.config.webrtc.view:
+            raise ProtocolError("not_allowed", "this server sends no WebRTC video ([webrtc] view = false)")
+        hub = self._hub(req.session_id)
+        webrtc = self.server.webrtc_module()
+        offer = {"sdp": req.offer.sdp, "type": req.offer.type}
+        try:
+            webrtc.parse_offer(offer, want="recv")  # before making a track for it
+            track = webrtc.SessionVideoTrack(hub.session, draw_masks=req.draw_masks)
+            viewer = await webrtc.create_viewer_answer(offer, track, configuration=self.server.peer_configuration())
+        except webrtc.WebRTCError as exc:
+            raise ProtocolError("webrtc_error", str(exc), field="offer") from None
+        if self.closed:
+            await viewer.close()
+            raise ProtocolError("shutting_down", "the connection closed while the viewer was set up")
+        self.viewers.append(viewer)
+        return ViewReply(id=req.id, session_id=hub.session.id, answer=SessionDescription(**viewer.answer))
 
     async def _list(self, req: ListSessions) -> ListReply:
         return ListReply(id=req.id, sessions=[self.server.session_info(s) for s in self.server.manager.list()])
@@ -604,6 +615,9 @@ class TrackingServer:
         self._require_token = config.requires_token()
         self._ssl = config.ssl_context()
         self._named: dict[str, str] = {}  # configured name -> session id
+        self._publishers: dict[str, Any] = {}  # session id -> server.webrtc.WebRTCPublisher feeding it
+        self._webrtc: ModuleType | None = None
+        self._has_aiortc: bool | None = None
         self._open_locks: dict[str, asyncio.Lock] = {}
         self._client_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
@@ -686,6 +700,10 @@ class TrackingServer:
         sessions = self.manager.list()
         logger.info("shutting down: closing %d session(s), %d client(s)", len(sessions), len(self.clients))
         await self.run_blocking(self.manager.close_all)
+        for publisher in list(self._publishers.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(publisher.close("server shutting down"), 5)
+        self._publishers.clear()
         deadline = time.monotonic() + 1.0
         while any(c._control for c in self.clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -696,6 +714,8 @@ class TrackingServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.run_blocking(self.worker.stop)
+        if self._webrtc is not None and self.config.webrtc.ice_host_addresses:
+            self._webrtc.set_ice_host_addresses(None)  # process-wide: leave it as found
         self._blocking_pool.shutdown(wait=False)
         self.encoder_pool.shutdown(wait=False)
         logger.info("stopped")
@@ -792,6 +812,53 @@ class TrackingServer:
         self.hub(session)
         return session, True
 
+    def webrtc_module(self) -> ModuleType:
+        """``server.webrtc``, imported on first use (aiortc is large).
+
+        Raises:
+            ProtocolError: ``not_supported`` when aiortc is not installed.
+        """
+        if self._webrtc is None:
+            try:
+                self._webrtc = importlib.import_module("server.webrtc")
+            except ImportError as exc:
+                raise ProtocolError(
+                    "not_supported", f"this server has no WebRTC ({exc}); receive frames over the WebSocket instead"
+                ) from None
+            addresses = self.config.webrtc.ice_host_addresses
+            if addresses:
+                self._webrtc.set_ice_host_addresses(addresses)
+        return self._webrtc
+
+    def peer_configuration(self) -> Any:
+        return self.webrtc_module().peer_configuration(self.config.webrtc.ice_servers)
+
+    async def open_webrtc_session(self, name: str, offer: dict[str, str]) -> tuple[TrackingSession, dict[str, str]]:
+        """A new session on the video a peer publishes; returns it and the WebRTC answer.
+        The peer connection closes with the session."""
+        webrtc = self.webrtc_module()
+        try:  # refuse a bad offer before any session or peer connection exists
+            webrtc.parse_offer(offer, want="send")
+        except webrtc.WebRTCError as exc:
+            raise ProtocolError("webrtc_error", str(exc), field="offer") from None
+        self._check_session_limit()
+        publisher = webrtc.WebRTCPublisher(
+            name, configuration=self.peer_configuration(), frame_timeout_s=self.config.webrtc.frame_timeout_s
+        )
+        session = self.manager.open(publisher.source, name=f"webrtc:{name}")
+        self.hub(session)
+        try:
+            answer = await publisher.accept(offer)
+        except BaseException as exc:
+            await publisher.close("the offer was refused")
+            await self.close_session(session.id, "the WebRTC offer was refused")
+            if isinstance(exc, webrtc.WebRTCError):
+                raise ProtocolError("webrtc_error", str(exc), field="offer") from None
+            raise
+        self._publishers[session.id] = publisher
+        logger.info("session %s: WebRTC video from %r", session.id, name)
+        return session, answer
+
     def _check_session_limit(self) -> None:
         """Refuse before opening a source (a camera connection) that would be closed at once."""
         limit = self.manager.max_sessions
@@ -826,6 +893,9 @@ class TrackingServer:
         for name, sid in list(self._named.items()):
             if sid == hub.session.id:
                 del self._named[name]
+        publisher = self._publishers.pop(hub.session.id, None)
+        if publisher is not None:
+            self.spawn(publisher.close("the session closed"))
 
     # ---------------------------------------------------------------- reports
 
@@ -839,6 +909,7 @@ class TrackingServer:
             model=ModelInfo(name=self.model_name, image_size=int(self.model.image_size), device=str(self.worker.device)),
             mask_formats=list(MASK_FORMATS),
             sources=self.catalog.names,
+            features=self.features(),
             limits=LimitsInfo(
                 max_sessions=limits.max_sessions,
                 max_objects=limits.max_objects,
@@ -848,6 +919,15 @@ class TrackingServer:
                 idle_timeout_s=limits.idle_timeout_s,
             ),
         )
+
+    def features(self) -> list[str]:
+        """Optional requests served here: the WebRTC ones when aiortc is installed and allowed."""
+        if self._has_aiortc is None:
+            self._has_aiortc = importlib.util.find_spec("aiortc") is not None
+        if not self._has_aiortc:
+            return []
+        w = self.config.webrtc
+        return [name for name, on in (("webrtc_publish", w.publish), ("webrtc_view", w.view)) if on]
 
     def session_info(self, session: TrackingSession) -> SessionInfo:
         info = session.info()

@@ -54,6 +54,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="accept browsers from this Origin only (repeatable; default: any)")
+    s.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
+                   help="WebRTC: offer ICE host candidates on this local address only (repeatable; "
+                        "default every interface but 127.0.0.1)")
     s.add_argument("--tls-cert", help="PEM certificate: serve wss:// and https://")
     s.add_argument("--tls-key", help="PEM private key of --tls-cert")
     s.add_argument("--max-sessions", type=int, help="sessions open at once (default 8)")
@@ -81,6 +84,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             setattr(srv, attr, value)
     if args.allow_origin:
         srv.allow_origins = list(args.allow_origin)
+    if args.ice_host:
+        config.webrtc.ice_host_addresses = list(args.ice_host)
     for attr, value in (("max_sessions", args.max_sessions), ("max_objects", args.max_objects),
                         ("idle_timeout_s", args.idle_timeout)):
         if value is not None:

@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
@@ -62,6 +62,7 @@ from server.protocol import (
     Open,
     OpenReply,
     Pause,
+    PublishReply,
     PromptReply,
     ProtocolError,
     RemoveObject,
@@ -76,6 +77,10 @@ from server.protocol import (
     StatsReply,
     Subscribe,
     Unsubscribe,
+    SessionDescription,
+    ViewReply,
+    WebRTCPublish,
+    WebRTCView,
     decode_mask,
     decode_reply,
     decode_server_message,
@@ -505,6 +510,28 @@ class Client:
 
     async def stats(self, session_id: str | None = None) -> StatsReply:
         return await self.request(Stats(id=0, session_id=session_id), StatsReply)
+
+    async def publish_webrtc(self, offer: Mapping[str, str], *, name: str = "webrtc") -> tuple[dict[str, str], str]:
+        """Send video in over WebRTC: the server answers the offer (it must send
+        video; gather ICE candidates first) and tracks that video in a new session.
+
+        Returns:
+            The answer (``{"sdp", "type"}``, for ``setRemoteDescription``) and
+            the session id (:meth:`subscribe` to it for the masks).
+        """
+        req = WebRTCPublish(id=0, offer=SessionDescription(sdp=offer["sdp"], type=offer["type"]), name=name)
+        reply = await self.request(req, PublishReply)
+        return {"sdp": reply.answer.sdp, "type": reply.answer.type}, reply.session.session_id
+
+    async def view_webrtc(self, session_id: str, offer: Mapping[str, str], *, draw_masks: bool = True) -> dict[str, str]:
+        """Receive a session's processed video over WebRTC (the offer must receive
+        video); returns the answer. The viewer closes with this connection."""
+        req = WebRTCView(
+            id=0, session_id=session_id, offer=SessionDescription(sdp=offer["sdp"], type=offer["type"]),
+            draw_masks=draw_masks,
+        )
+        reply = await self.request(req, ViewReply)
+        return {"sdp": reply.answer.sdp, "type": reply.answer.type}
 
     # ---------------------------------------------------------------- reading
 

@@ -26,6 +26,9 @@ through msgspec, so a wrong key or type is refused at start-up with its path
     allow_hosts = ["10.0.0.0/8"]
     allow_dirs = ["/data/videos"]
 
+    [webrtc]                    # video in/out over WebRTC (aiortc)
+    ice_host_addresses = ["192.168.1.20"]
+
     [sources]                   # what clients open by name
     cam1 = "rtsp://user:pw@10.0.0.5/stream"
     clip = { uri = "clip.mp4", loop = true, options = { resize = 640 } }
@@ -122,6 +125,21 @@ class PolicySection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allow_av_options: bool = False
 
 
+class WebRTCSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Video over WebRTC (``server.webrtc``, needs aiortc): in from publishers, out to viewers."""
+
+    #: clients may send video in (``webrtc_publish``): each publisher is a new session
+    publish: bool = True
+    #: clients may receive a session's processed video (``webrtc_view``)
+    view: bool = True
+    #: local addresses offered as ICE host candidates; empty: every interface but 127.0.0.1
+    ice_host_addresses: list[str] = []
+    #: STUN/TURN URLs, e.g. "stun:stun.example.org:3478"; none by default (LAN peers)
+    ice_servers: list[str] = []
+    #: end a publisher's source when no frame came for this long
+    frame_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+
+
 class SourceEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     uri: str
     #: files: start again at the end (default true); ignored for live sources
@@ -134,6 +152,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelSection = msgspec.field(default_factory=ModelSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     policy: PolicySection = msgspec.field(default_factory=PolicySection)
+    webrtc: WebRTCSection = msgspec.field(default_factory=WebRTCSection)
     sources: dict[str, Union[str, SourceEntry]] = {}
     #: folder relative paths are read from (the config file's); not a file key
     base_dir: str | None = None

@@ -170,8 +170,32 @@ class Stats(Request, tag="stats", kw_only=True):
     session_id: SessionId | None = None
 
 
+class SessionDescription(msgspec.Struct, forbid_unknown_fields=True):
+    """A WebRTC offer or answer as a browser's ``RTCSessionDescription`` serialises it."""
+
+    sdp: Annotated[str, msgspec.Meta(max_length=64 * 1024)]
+    type: Annotated[str, msgspec.Meta(max_length=16)]
+
+
+class WebRTCPublish(Request, tag="webrtc_publish", kw_only=True):
+    """Send video in over WebRTC (a robot, a browser webcam): a new session on it.
+    ``offer`` must send video; ICE candidates are gathered before offering (no trickle)."""
+
+    offer: SessionDescription
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "webrtc"
+
+
+class WebRTCView(Request, tag="webrtc_view", kw_only=True):
+    """Receive a session's processed video over WebRTC (``offer`` must receive video)."""
+
+    session_id: SessionId
+    offer: SessionDescription
+    draw_masks: bool = True
+
+
 AnyRequest = Union[
-    Open, Subscribe, Unsubscribe, AddPoints, AddBox, RemoveObject, Reset, Pause, Resume, Close, ListSessions, Stats
+    Open, Subscribe, Unsubscribe, AddPoints, AddBox, RemoveObject, Reset, Pause, Resume, Close, ListSessions, Stats,
+    WebRTCPublish, WebRTCView,
 ]
 REQUEST_TYPES: tuple[str, ...] = tuple(t.__struct_config__.tag for t in AnyRequest.__args__)  # type: ignore[attr-defined]
 
@@ -372,6 +396,8 @@ class Hello(msgspec.Struct, tag="hello", tag_field="type", kw_only=True):
     mask_formats: list[str]
     sources: list[str]
     limits: LimitsInfo
+    #: optional requests this server serves, e.g. ``webrtc_publish``, ``webrtc_view``
+    features: list[str] = []
 
 
 class ErrorMsg(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
@@ -482,6 +508,18 @@ class StatsReply(Reply, kw_only=True):
     server: ServerStats
     sessions: list[SessionStatsInfo]
     client: list[SubscriptionStats]
+
+
+class PublishReply(Reply, kw_only=True):
+    """The session the published video feeds, and the server's WebRTC answer."""
+
+    session: SessionInfo
+    answer: SessionDescription
+
+
+class ViewReply(Reply, kw_only=True):
+    session_id: str
+    answer: SessionDescription
 
 
 ServerMessage = Union[Hello, ErrorMsg, FrameMsg, EventMsg, Reply]

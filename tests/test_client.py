@@ -218,3 +218,60 @@ def test_the_sample_script_works_as_printed():
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_robot_publishes_over_webrtc_and_a_viewer_gets_the_video(model):
+    """``samples/robot_publisher.py --server`` against this server, then a browser-like viewer."""
+    pytest.importorskip("aiortc")
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    from server.webrtc import description_to_dict, peer_configuration
+
+    config = make_config(webrtc={"ice_host_addresses": ["127.0.0.1"]})
+    with running(model, config) as st:
+        out = subprocess.run(
+            [sys.executable, "samples/robot_publisher.py", "--server", st.url, "--ice-host", "127.0.0.1",
+             "--frames", "3", "--timeout", "90"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        lines = out.stdout.splitlines()
+        assert re.fullmatch(r"clicked \(60, 40\) on frame \d+: object 1", lines[0]), lines
+        assert len([line for line in lines if line.startswith("frame ")]) == 3
+
+        async def main() -> None:
+            async with Client(st.url) as c:
+                assert c.hello is not None and c.hello.features == ["webrtc_publish", "webrtc_view"]
+                with pytest.raises(RemoteError) as err:
+                    await c.publish_webrtc({"sdp": "hello", "type": "offer"}, name="bad")
+                assert (err.value.code, err.value.field) == ("webrtc_error", "offer")
+                assert await c.list_sessions() == []  # the robot closed its session; the bad offer opened none
+                s = await c.open("cam")
+                src = source_of(st, s.id)
+                stop = asyncio.Event()
+
+                async def camera() -> None:
+                    k = 0
+                    while not stop.is_set():
+                        src.push(FRAMES[k % len(FRAMES)], pts_s=k / 10)
+                        k += 1
+                        await asyncio.sleep(0.1)
+
+                feeding = asyncio.ensure_future(camera())
+                pc = RTCPeerConnection(peer_configuration())
+                pc.addTransceiver("video", direction="recvonly")
+                got: asyncio.Future = asyncio.get_running_loop().create_future()
+                pc.on("track", lambda track: got.done() or got.set_result(track))
+                await pc.setLocalDescription(await pc.createOffer())
+                answer = await c.view_webrtc(s.id, description_to_dict(pc.localDescription), draw_masks=True)
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+                try:
+                    track = await asyncio.wait_for(got, 30)
+                    frame = await asyncio.wait_for(track.recv(), 60)
+                    assert (frame.width, frame.height) == (W, H)
+                finally:
+                    stop.set()
+                    await feeding
+                    await pc.close()
+
+        asyncio.run(main())

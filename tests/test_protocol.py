@@ -44,11 +44,13 @@ def test_every_request_type_parses():
         req(type="close", id=11, session_id=sid),
         req(type="list_sessions", id="twelve"),
         req(type="stats", id=13),
+        req(type="webrtc_publish", id=14, offer={"sdp": "v=0\r\n", "type": "offer"}, name="robot1"),
+        req(type="webrtc_view", id=15, session_id=sid, offer={"sdp": "v=0\r\n", "type": "offer"}, draw_masks=False),
     ]
     parsed = [P.parse_request(c) for c in cases]
     assert [type(p).__struct_config__.tag for p in parsed] == [
         "open", "open", "subscribe", "unsubscribe", "add_points", "add_box", "remove_object",
-        "reset", "pause", "resume", "close", "list_sessions", "stats",
+        "reset", "pause", "resume", "close", "list_sessions", "stats", "webrtc_publish", "webrtc_view",
     ]
     points = parsed[4]
     assert isinstance(points, P.AddPoints)
@@ -83,6 +85,10 @@ def test_every_request_type_parses():
          "invalid_message", "mask_format", "Invalid enum value 'jpeg' - at `$.mask_format`"),
         (req(id=1, source="cam"), "invalid_message", "type", "Object missing required field `type`"),
         ("[1, 2]", "invalid_message", None, "Expected `object`, got `array`"),
+        (req(type="webrtc_publish", id=1, offer={"sdp": "v=0"}),
+         "invalid_message", "offer.type", "Object missing required field `type` - at `$.offer`"),
+        (req(type="webrtc_publish", id=1, offer={"sdp": "v=0", "type": "offer"}, name="a b"),
+         "invalid_message", "name", "Expected `str` matching regex '^[A-Za-z0-9_.-]{1,64}$' - at `$.name`"),
     ],
 )
 def test_invalid_requests_name_the_field(text, code, field, message):
@@ -96,7 +102,7 @@ def test_unknown_type_lists_the_types():
     assert err.code == "unknown_type" and err.field == "type" and err.request_id == "a"
     assert err.message == (
         "unknown message type 'subscribe_all'; use one of: open, subscribe, unsubscribe, add_points, add_box, "
-        "remove_object, reset, pause, resume, close, list_sessions, stats"
+        "remove_object, reset, pause, resume, close, list_sessions, stats, webrtc_publish, webrtc_view"
     )
 
 

@@ -28,7 +28,7 @@ MAX_MESSAGE = 16 * 1024
 ERROR_CODES = {
     "invalid_json", "invalid_message", "unknown_type", "binary_not_supported", "unknown_session", "unknown_source",
     "not_allowed", "source_error", "frame_not_available", "prompt_error", "session_error", "limit_exceeded",
-    "rate_limited", "not_subscribed", "timeout",
+    "rate_limited", "not_subscribed", "timeout", "webrtc_error",
 }
 FIELDS = ["id", "type", "session_id", "source", "points_xy", "labels", "obj_id", "frame_idx", "box_xyxy",
           "mask_format", "options", "subscribe", "clear_old_points"]
