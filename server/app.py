@@ -584,8 +584,11 @@ class TrackingServer:
         model: a SAM 2 model from ``tracker.model.build_model``; the server's
             one inference worker runs it for every session.
         model_name: shown to clients in ``hello`` (default: ``config.model.name``).
-        routes: extra HTTP GET paths answered during the handshake (the
-            operator page's static files plug in here).
+        routes: extra plain-HTTP GET paths answered during the handshake:
+            the operator page plugs in here. A key ending in ``/`` serves
+            everything under it (``"/"`` only itself); ``"/"`` may serve a
+            page, since WebSocket upgrades to ``/`` still reach the protocol. A route decides on
+            its own whether it needs the token (``TrackingServer.authorized``).
 
     Use ``async with TrackingServer(...) as server:`` or ``start()`` /
     ``stop()``; :class:`ServerThread` runs it from synchronous code.
@@ -1005,7 +1008,8 @@ class TrackingServer:
 
     # ---------------------------------------------------------------- HTTP and connections
 
-    def _authorized(self, request: Request) -> bool:
+    def authorized(self, request: Request) -> bool:
+        """Whether ``request`` carries the token (or none is required)."""
         if not self._require_token:
             return True
         expected = (self._token or "").encode()
@@ -1036,21 +1040,32 @@ class TrackingServer:
                 body.update(sessions=len(self.manager.list()), clients=len(self.clients))
             return self._respond(connection, 503 if self.closing else 200, json.dumps(body) + "\n", "application/json")
         if path == "/metrics":
-            if not self._authorized(request):
+            if not self.authorized(request):
                 return self._unauthorized(connection)
             return self._respond(connection, 200, self.metrics.render().decode(), CONTENT_TYPE)
-        route = self.routes.get(path)
-        if route is not None:
-            return route(connection, request)
+        if "websocket" not in request.headers.get("Upgrade", "").lower():  # plain HTTP: a page, a file
+            route = self._route(path)
+            if route is not None:
+                return route(connection, request)
         if path not in WEBSOCKET_PATHS:
             return self._respond(connection, 404, f"no such path {path!r}; WebSocket: /, HTTP: /healthz, /metrics\n")
         if self.closing:
             return self._respond(connection, 503, "the server is shutting down\n")
-        if not self._authorized(request):
+        if not self.authorized(request):
             return self._unauthorized(connection)
         if len(self.clients) >= self.config.server.max_clients:
             return self._respond(connection, 503, f"too many clients (limit {self.config.server.max_clients})\n")
         return None
+
+    def _route(self, path: str) -> RouteHandler | None:
+        """The handler for ``path``: an exact key of :attr:`routes`, else the
+        longest key ending in ``/`` that ``path`` starts with (a folder; ``/``
+        itself only matches ``/``)."""
+        route = self.routes.get(path)
+        if route is not None:
+            return route
+        prefixes = [p for p in self.routes if p != "/" and p.endswith("/") and path.startswith(p)]
+        return self.routes[max(prefixes, key=len)] if prefixes else None
 
     def _unauthorized(self, connection: ServerConnection) -> Response:
         logger.info("refused %s: missing or wrong token", connection.remote_address)

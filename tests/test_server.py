@@ -680,3 +680,21 @@ def test_the_object_limit_counts_prompts_in_flight(model):
         assert (err["code"], err["message"]) == (
             "limit_exceeded", f"session {sid} already tracks 1 objects (the limit); remove one first"
         )
+
+
+def test_routes_serve_pages_next_to_the_websocket(model):
+    """The hook the operator page uses: plain GETs to routes, upgrades to the protocol."""
+    config = make_config()
+    server = TrackingServer(config, model, routes={
+        "/": lambda conn, req: conn.respond(200, "<html>operator page</html>"),
+        "/static/": lambda conn, req: conn.respond(200, f"file {req.path}"),
+    })
+    st = ServerThread(server).start()
+    try:
+        base = st.url.replace("ws://", "http://")
+        assert http_get(base)[:2] == (200, "<html>operator page</html>")
+        assert http_get(base + "static/js/app.js")[:2] == (200, "file /static/js/app.js")
+        assert http_get(base + "elsewhere")[0] == 404
+        assert Raw(st.url).request("list_sessions")["sessions"] == []  # "/" still speaks WebSocket
+    finally:
+        st.stop()
