@@ -698,3 +698,63 @@ def test_routes_serve_pages_next_to_the_websocket(model):
         assert Raw(st.url).request("list_sessions")["sessions"] == []  # "/" still speaks WebSocket
     finally:
         st.stop()
+
+
+# ---------------------------------------------------------------- config file and command line
+
+
+def test_config_file_and_command_line(tmp_path, monkeypatch):
+    from server.cli import build_parser, config_from_args
+    from server.config import ConfigError, SourceCatalog, load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    clip = write_clip(tmp_path / "conf" / "clip.mp4", n=2)
+    path = tmp_path / "conf" / "server.toml"
+    path.write_text(
+        '[server]\nport = 9000\n[limits]\nmax_objects = 3\n'
+        '[sources]\nclip = "clip.mp4"\nonce = { uri = "clip.mp4", loop = false }\ncam = "rtsp://u:pw@10.0.0.5/s"\n'
+    )
+    config = load_config(path)
+    assert (config.server.port, config.limits.max_objects) == (9000, 3)
+    catalog = SourceCatalog(config)
+    spec, loop = catalog.spec("clip")
+    assert (spec.location, spec.mode, spec.realtime, loop) == (str(clip), "live", True, True)  # next to the file
+    assert catalog.spec("once")[1] is False
+    assert catalog.spec("cam")[0].display == "rtsp://u:***@10.0.0.5/s"
+
+    args = build_parser().parse_args(
+        ["serve", "--config", str(path), "--port", "0", "--source", "extra=push:x", "--max-objects", "5",
+         "--image-size", "256", "--random-weights", "0", "--allow-origin", "https://ops.example.org"]
+    )
+    config = config_from_args(args)
+    assert (config.server.port, config.limits.max_objects, config.model.image_size, config.model.random_weights) == (
+        0, 5, 256, 0)
+    assert config.model.name == "sam2.1-tiny" and config.model.device == "auto"  # the file's / defaults kept
+    assert list(config.sources) == ["clip", "once", "cam", "extra"]
+    assert config.server.allow_origins == ["https://ops.example.org"]
+
+    path.write_text("[server]\nport = 'x'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: Expected `int`, got `str` - at `$.server.port`"
+    path.write_text("[limits]\nmax_object = 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: Object contains unknown field `max_object` - at `$.limits`"
+    path.write_text("[server\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path} is not valid TOML: ")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "missing.toml")
+    assert str(err.value) == f"cannot read the config file {tmp_path / 'missing.toml'}: No such file or directory"
+    with pytest.raises(ConfigError) as err:
+        make_config(sources={"bad name": "push:x"}).check()
+    assert str(err.value) == "source name 'bad name': use 1-64 letters, digits, '_', '.', '-'"
+    with pytest.raises(ConfigError) as err:
+        make_config(sources={"x": "ftp://host/file"}).check()
+    assert str(err.value).startswith("source 'x' in the config: ")
+    with pytest.raises(ConfigError) as err:
+        config_from_args(build_parser().parse_args(["serve", "--source", "nouri"]))
+    assert str(err.value) == "--source 'nouri': expected NAME=URI, e.g. cam1=rtsp://10.0.0.5/stream"
