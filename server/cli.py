@@ -1,7 +1,8 @@
 """The ``sam2-stream`` command: ``serve`` plus every subcommand of :mod:`tracker.cli`.
 
 ``sam2-stream serve --config server.toml`` loads the model once, starts the
-WebSocket service and runs until SIGINT/SIGTERM, then stops gracefully
+WebSocket service (with the operator page at ``/``, ``server.page``) and runs
+until SIGINT/SIGTERM, then stops gracefully
 (sessions closed, clients told, connections closed, worker stopped). Flags
 override the config file; without a file, the defaults of
 :mod:`server.config` apply (loopback, port 8765, no sources: add some with
@@ -63,6 +64,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--max-objects", type=int, help="objects per session (default 16)")
     s.add_argument("--max-batch", type=int, help="sessions' frames per image-encoder call (default 4)")
     s.add_argument("--idle-timeout", type=float, metavar="S", help="close sessions nobody watched for S seconds (default 60)")
+    s.add_argument("--no-page", action="store_true", help="do not serve the operator page at / (WebSocket and HTTP API only)")
     add_model_args(s)
     s.set_defaults(func=cmd_serve, model=None, device=None)
     return s
@@ -121,11 +123,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         image_size=m.image_size,
         random_weights_seed=m.random_weights,
     )
-    server = TrackingServer(config, model)
-    return asyncio.run(_serve(server))
+    routes = {}
+    if not args.no_page:
+        from server.page import page_routes
+
+        routes = page_routes()
+    server = TrackingServer(config, model, routes=routes)
+    return asyncio.run(_serve(server, page=bool(routes)))
 
 
-async def _serve(server) -> int:  # type: ignore[no-untyped-def]
+async def _serve(server, page: bool = False) -> int:  # type: ignore[no-untyped-def]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -134,6 +141,8 @@ async def _serve(server) -> int:  # type: ignore[no-untyped-def]
         except (NotImplementedError, RuntimeError):  # not the main thread / Windows
             pass
     await server.start()
+    if page:
+        logger.info("operator page: %s", server.url.replace("ws", "http", 1))
     try:
         await stop.wait()
         logger.info("signal received; stopping")

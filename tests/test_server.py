@@ -566,6 +566,8 @@ def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
         threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
         c = Raw(url)
         assert c.hello["sources"] == ["cam"]
+        status, page, _ = http_get(url.replace("ws://", "http://"))
+        assert status == 200 and page.startswith("<!doctype html>")  # the operator page
         c.request("open", source="cam")
         proc.send_signal(signal.SIGTERM)
         assert c.next_event("closed")["message"] == "server shutting down"
@@ -575,7 +577,8 @@ def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
             proc.kill()
             proc.wait()
     log = "".join(lines)
-    for text in ("loading model sam2.1-tiny at 256 px on cpu", "client 1 connected", "signal received; stopping",
+    for text in ("loading model sam2.1-tiny at 256 px on cpu", "operator page: http://127.0.0.1:", "client 1 connected",
+                 "signal received; stopping",
                  "shutting down: closing 1 session(s), 1 client(s)", "stopped"):
         assert text in log, log
 
