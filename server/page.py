@@ -17,7 +17,7 @@ elsewhere. What does not: the WebSocket protocol (``server.app``), the page
 itself (``server/static/``: ``index.html``, ``app.js``, ``rle.js``,
 ``style.css``).
 
-Wiring into ``sam2-stream serve`` is one argument::
+``sam2-stream serve`` serves it (``--no-page`` to leave it out); in code::
 
     TrackingServer(config, model, routes=page_routes())
 """

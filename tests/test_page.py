@@ -6,7 +6,8 @@ then a real server with ``routes=page_routes()`` answers raw HTTP requests
 library): content types, security headers, 404s, traversal refused, the page
 public while its WebSocket needs the token. The page's COCO RLE decoder
 (``static/rle.js``) is checked against pycocotools under Node.js when it is
-installed; tests/test_browser.py runs the page itself in Chromium.
+installed; tests/test_browser.py runs the page itself in Chromium. Last,
+``sam2-stream serve`` serves the page, and leaves it out with ``--no-page``.
 """
 
 from __future__ import annotations
@@ -275,30 +276,39 @@ def test_rle_js_decodes_what_the_server_encodes():
 # ---------------------------------------------------------------- sam2-stream serve
 
 
-@network
-@pytest.mark.timeout(120)
-def test_serve_command_serves_the_page():
-    """``sam2-stream serve`` answers the page at ``/`` once server/cli.py passes
-    ``routes=page_routes()`` to TrackingServer (a one-line change there)."""
+def serve(*flags: str) -> tuple[subprocess.Popen, str]:
+    """``sam2-stream serve`` as a process on a free port; returns it and its WebSocket URL."""
     cmd = [sys.executable, "-m", "server.cli", "serve", "--random-weights", "0", "--image-size", "256",
-           "--port", "0", "--source", "cam=push:cam", "--device", "cpu"]
+           "--port", "0", "--source", "cam=push:cam", "--device", "cpu", *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if m := re.search(r"listening on (ws://\S+/)", line):
+            return proc, m.group(1)
+    proc.kill()
+    raise AssertionError("sam2-stream serve did not start")
+
+
+@network
+@pytest.mark.timeout(180)
+def test_serve_command_serves_the_page_unless_told_not_to():
+    proc, url = serve()
     try:
-        url = None
-        deadline = time.time() + 90
-        while url is None and time.time() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            if m := re.search(r"listening on (ws://\S+/)", line):
-                url = m.group(1)
-        assert url is not None, "the server did not start"
         status, headers, body = raw_get(url, "/")
-        if status in (404, 426):  # 426: "/" without a route is the WebSocket's alone
-            pytest.xfail("server/cli.py does not pass routes=page_routes() to TrackingServer yet")
         assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
         assert body == (STATIC_DIR / "index.html").read_bytes()
+        assert raw_get(url, "/static/app.js")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    proc, url = serve("--no-page")
+    try:
+        assert raw_get(url, "/")[0] == 426  # "/" is the WebSocket's alone: upgrade required
+        assert raw_get(url, "/static/app.js")[0] == 404
     finally:
         proc.terminate()
         proc.wait(30)
