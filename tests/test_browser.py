@@ -538,6 +538,19 @@ def test_publish_the_fake_camera_over_webrtc_then_click_it(model, browser):
         assert near(data, (cx, cy), 40, object_colour(1)) > 0, "no mask near the click"
         screenshot(page, "browser_webrtc_publish")
 
+        # a second operator finds the session in the list and watches it: video, masks, object 1
+        with chromium(browser) as (other, other_watch):
+            other.goto(http_base(st))
+            wait_for(other, "() => document.querySelector('#sessions li[data-session-id] button')", "the session list")
+            assert "webrtc:browser" in other.locator(f"#sessions li[data-session-id='{sid}']").inner_text()
+            other.click(f"#sessions li[data-session-id='{sid}'] button")
+            wait_for(other, "() => window.sam2stream.frames.length > 0", "the watched session's frames")
+            wait_for_video(other, "watched")
+            wait_for(other, "() => document.querySelector('#objects li[data-obj-id=\"1\"]')", "object 1 for the watcher")
+            acts = [(m["type"], m.get("session_id")) for m in other_watch.sent if m["type"] != "list_sessions"]
+            assert acts[:2] == [("subscribe", sid), ("webrtc_view", sid)], acts
+            assert not other_watch.errors, other_watch.errors
+
         # hanging up ends the session's source
         page.click("#publish")
         wait_for(page, "() => document.getElementById('message').textContent.includes('Session webrtc:browser')",
