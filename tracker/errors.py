@@ -19,6 +19,12 @@ serving everyone else::
         ├── SourceConnectionError     host unreachable, timeout, auth failure
         └── SourceNotAllowedError     refused by the server-side allowlist
 
+Defined next to their users, on the same root: ``tracker.session.SessionError``
+(session limits, closed or unknown sessions) and, in the ``server`` package
+(which ``tracker`` never imports), ``ProtocolError``, ``ConfigError``,
+``WebRTCError`` and the client's ``ClientError`` → ``RemoteError`` /
+``ConnectionLostError``.
+
 Messages say what to do next; tests assert them verbatim.
 """
 
