@@ -27,7 +27,7 @@ from typing import Sequence
 from server.config import ConfigError, ServerConfig, SourceEntry, load_config
 from tracker.cli import add_model_args
 from tracker.cli import build_parser as build_tracker_parser
-from tracker.errors import TrackerError
+from tracker.cli import main as tracker_main
 
 logger = logging.getLogger("sam2-stream")
 
@@ -152,23 +152,8 @@ async def _serve(server, page: bool = False) -> int:  # type: ignore[no-untyped-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:  # one line per HTTP request / connection is the server's own log's job
-        logging.getLogger("sam2-stream.websockets").setLevel(logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except TrackerError as e:
-        logger.error("%s", e)
-        return 2
-    except KeyboardInterrupt:
-        logger.warning("interrupted")
-        return 130
+    # one line per HTTP request / connection is the server's own log's job
+    return tracker_main(argv, parser=build_parser(), quiet_loggers=["sam2-stream.websockets"])
 
 
 if __name__ == "__main__":

@@ -361,14 +361,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    parser: argparse.ArgumentParser | None = None,
+    quiet_loggers: Sequence[str] = (),
+) -> int:
+    """Parse, set up logging, run the subcommand; TrackerError → message, exit 2.
+
+    ``server.cli`` passes its parser (these subcommands plus ``serve``) and the
+    loggers that are only worth hearing with ``--verbose``.
+    """
+    args = (parser or build_parser()).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        for name in quiet_loggers:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except TrackerError as e:
