@@ -188,6 +188,10 @@ def cmd_track(args: argparse.Namespace) -> int:
 def cmd_annotate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from tracker.ingest import keep_frame_memory
+
+    keep_frame_memory()  # file-mode decoding at full resolution without page-faulting every frame
+
     from tracker.annotate import AnnotateStats, annotate, estimate_frame_count, load_prompts, probe_video
     from tracker.export import make_writer
 
