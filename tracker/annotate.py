@@ -298,12 +298,9 @@ def annotate(
     store = _FrameStore(plan.keep_until, predictor.image_size, work)
     start = min(plan.first_frame.values())
     try:
-        n_seen = 0
         if phase == "forward":
             with open_source(video, mode="file") as source:
-                for frame in source:
-                    idx = n_seen
-                    n_seen += 1
+                for idx, frame in enumerate(source):
                     image = predictor.prepare(frame.image_rgb)
                     store.put(idx, image, frame.source_size, frame.pts_s)
                     if idx < start or idx <= done_upto:
@@ -319,8 +316,6 @@ def annotate(
                         yield result
                     if checkpoint_every and (idx + 1) % checkpoint_every == 0:
                         _save_state(state_path, predictor, "forward", idx, partial)
-            if predictor.num_frames != n_seen and hint is None:
-                logger.debug("video has %d frames", n_seen)
             phase, done_upto = "backward", plan.keep_until
         else:
             # the backward pass needs the kept frames again: decode up to keep_until
@@ -440,4 +435,4 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
         raise TrackerError(f"cannot read the resume state {path}: {e}; delete it to start over") from e
 
 
-__all__ = ["Prompt", "load_prompts", "annotate", "AnnotateStats", "SourceError"]
+__all__ = ["AnnotateStats", "Prompt", "annotate", "estimate_frame_count", "load_prompts", "probe_video"]
