@@ -28,10 +28,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 

@@ -8,7 +8,6 @@ Network sources are in ``test_ingest_network.py``; the real-world files of
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import threading
@@ -24,7 +23,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.videogen import (
-    Clip,
     background_error,
     colour_of,
     damage_middle,
