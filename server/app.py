@@ -2,18 +2,11 @@
 
 I/O only. Messages are parsed and encoded by :mod:`server.protocol`; tracking
 is :mod:`tracker.session` (one :class:`~tracker.session.InferenceWorker`
-thread runs the model for every session). What this module adds:
+thread per device runs the model for every session); each client and each
+session's fan-out live in :mod:`server.connection`. What this module adds:
 
-* one :class:`ClientConnection` per WebSocket: a reader task answering
-  requests in order, and a sender task that writes, in this order, pending
-  replies/events (a short queue; a client that never reads them is closed),
-  then the newest frame of each subscribed session (a one-frame slot: a newer
-  result replaces an unsent one and counts as dropped, so a slow client gets
-  the newest frame, never a backlog, and never holds up anyone else);
-* one :class:`SessionHub` per session: subscribes to the session while it has
-  clients, moves results from the worker thread to the event loop
-  (``call_soon_threadsafe``), encodes each result once per mask format on a
-  small thread pool and offers it to every subscriber;
+* :class:`TrackingServer`: sessions opened by name or URI (with a model and
+  tracking options of the client's choosing), the hubs, reports;
 * HTTP on the same port, answered during the WebSocket handshake:
   ``/healthz``, ``/metrics`` (Prometheus), and :attr:`TrackingServer.routes`,
   the hook where the operator page (static files) plugs in;
@@ -44,70 +37,31 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs
 
 import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from server.config import ServerConfig, SourceCatalog
+from server.config import ConfigError, ServerConfig, SourceCatalog
+from server.connection import ClientConnection, SessionHub
 from server.metrics import CONTENT_TYPE, ClientSample, ServerMetrics, SessionSample, Snapshot
 from server.protocol import (
     MASK_FORMATS,
     PROTOCOL_VERSION,
     SERVER_NAME,
-    AddBox,
-    AddPoints,
-    AnyRequest,
-    Close,
-    EncodedFrame,
     Hello,
     LatencyInfo,
     LimitsInfo,
-    ListReply,
-    ListSessions,
     ModelInfo,
-    Open,
-    OpenReply,
-    Pause,
-    PromptReply,
     ProtocolError,
-    RemoveObject,
-    RemoveReply,
-    Reply,
-    Reset,
-    Resume,
     ServerStats,
     SessionInfo,
-    SessionReply,
     SessionStatsInfo,
-    Stats,
-    StatsReply,
-    Subscribe,
-    SubscriptionStats,
-    TokenBucket,
-    Unsubscribe,
-    PublishReply,
-    SessionDescription,
-    ViewReply,
-    WebRTCPublish,
-    WebRTCView,
-    encode,
-    encode_error,
-    encode_event,
-    encode_frame,
-    error_from,
-    object_msg,
-    parse_request,
-    stamp_sent,
 )
-from tracker.errors import FrameNotAvailableError, PromptError, SourceError, SourceNotAllowedError, TrackerError
-from tracker.results import FrameResult, ObjectResult
-from tracker.session import InferenceWorker, SessionError, SessionEvent, SessionLimits, SessionManager, TrackingSession
+from tracker.session import InferenceWorker, OptionError, SessionLimits, SessionManager, TrackingSession
 
 logger = logging.getLogger("sam2-stream.server")
 
@@ -128,13 +82,6 @@ def server_version() -> str:
         return "0.1.0"
 
 
-def _last(values: deque) -> float | None:
-    try:
-        return float(values[-1])
-    except IndexError:
-        return None
-
-
 def _percentiles(values: deque) -> tuple[float | None, float | None]:
     data = sorted(list(values))
     if not data:
@@ -142,448 +89,16 @@ def _percentiles(values: deque) -> tuple[float | None, float | None]:
     return statistics.median(data), data[min(len(data) - 1, int(round(0.99 * (len(data) - 1))))]
 
 
-def _encode_all(
-    result: FrameResult, session_id: str, formats: set[str], queue_s: float | None, model_s: float | None
-) -> dict[str, EncodedFrame]:
-    return {fmt: encode_frame(result, session_id, fmt, queue_s=queue_s, model_s=model_s) for fmt in formats}
-
-
-@dataclass
-class Subscription:
-    """One client's subscription to one session, with its one-frame slot."""
-
-    session_id: str
-    mask_format: str
-    slot: tuple[EncodedFrame, float | None, float | None] | None = None  # frame, arrival_s, processed_s
-    frames_sent: int = 0
-    frames_dropped: int = 0
-
-
-class SessionHub:
-    """The server's side of one session: its subscribed clients and the fan-out.
-
-    The hub is subscribed to the session only while it has clients, so a
-    session nobody watches is closed by the engine's idle timeout.
-    """
-
-    def __init__(self, server: TrackingServer, session: TrackingSession) -> None:
-        self.server = server
-        self.session = session
-        self.clients: dict[ClientConnection, Subscription] = {}
-        self.last_frame_idx: int | None = None
-        self._tap_id: int | None = None
-        self._pending: tuple[FrameResult, float | None, float | None] | None = None
-        self._encoding = False
-
-    def add(self, client: ClientConnection, mask_format: str) -> Subscription:
-        sub = self.clients.get(client)
-        if sub is not None:
-            sub.mask_format = mask_format
-            return sub
-        if self._tap_id is None:
-            self._tap_id = self.session.subscribe(self._tap)
-        sub = Subscription(self.session.id, mask_format)
-        self.clients[client] = sub
-        return sub
-
-    def remove(self, client: ClientConnection) -> None:
-        self.clients.pop(client, None)
-        if not self.clients and self._tap_id is not None:
-            self.session.unsubscribe(self._tap_id)
-            self._tap_id = None
-
-    # ---------------------------------------------------------------- fan-out
-
-    def _tap(self, item: FrameResult | SessionEvent) -> None:
-        """Session subscriber; runs on the worker (frames) or any thread (events)."""
-        timing = None
-        if isinstance(item, FrameResult):
-            times = self.session.stats.times  # this frame's entries are the newest
-            timing = (_last(times.queue_wait), _last(times.encode), _last(times.track))
-        try:
-            self.server.loop.call_soon_threadsafe(self._on_item, item, timing)
-        except RuntimeError:  # the loop is closed: the server has stopped
-            pass
-
-    def _on_item(self, item: FrameResult | SessionEvent, timing: tuple | None) -> None:
-        if isinstance(item, SessionEvent):
-            data = encode_event(item)
-            for client in list(self.clients):
-                client.send_control(data)
-            if item.kind == "closed":
-                self.server.forget(self)
-            return
-        queue_s, encode_s, track_s = timing or (None, None, None)
-        metrics = self.server.metrics
-        metrics.observe("queue", queue_s)
-        metrics.observe("encode", encode_s)
-        metrics.observe("track", track_s)
-        model_s = None if encode_s is None or track_s is None else encode_s + track_s
-        self.last_frame_idx = item.frame_idx
-        self._pending = (item, queue_s, model_s)
-        if not self._encoding and self.clients:
-            self._encoding = True
-            self.server.spawn(self._encode_pending())
-
-    async def _encode_pending(self) -> None:
-        try:
-            while self._pending is not None and self.clients:
-                (result, queue_s, model_s), self._pending = self._pending, None
-                formats = {sub.mask_format for sub in self.clients.values()}
-                t0 = time.perf_counter()
-                try:
-                    encoded = await self.server.loop.run_in_executor(
-                        self.server.encoder_pool, _encode_all, result, self.session.id, formats, queue_s, model_s
-                    )
-                except Exception:
-                    logger.exception("session %s: encoding frame %d failed", self.session.id, result.frame_idx)
-                    continue
-                self.server.metrics.observe("serialize", time.perf_counter() - t0)
-                for client, sub in list(self.clients.items()):
-                    frame = encoded.get(sub.mask_format)
-                    if frame is not None:
-                        client.offer_frame(sub, frame, result.arrival_s, result.processed_s)
-        finally:
-            self._encoding = False
-
-
-class ClientConnection:
-    """One WebSocket client: requests in, replies/events/frames out (see module doc)."""
-
-    def __init__(self, server: TrackingServer, ws: ServerConnection, client_id: int) -> None:
-        self.server = server
-        self.ws = ws
-        self.id = client_id
-        self.subs: dict[str, Subscription] = {}
-        self.hubs: dict[str, SessionHub] = {}
-        self.closed = False
-        self.frames_sent = 0  # all subscriptions, past ones included
-        self.frames_dropped = 0
-        self.viewers: list[Any] = []  # server.webrtc.WebRTCViewer, closed with the connection
-        self._control: deque[bytes] = deque()
-        self._wake = asyncio.Event()
-        self._rr = 0
-        limits = server.config.limits
-        self.prompt_bucket = TokenBucket(limits.prompts_per_s, limits.prompt_burst)
-        self.open_bucket = TokenBucket(limits.opens_per_s, limits.open_burst)
-        self._handlers: dict[type, Callable[[Any], Awaitable[Reply]]] = {
-            Open: self._open,
-            Subscribe: self._subscribe_req,
-            Unsubscribe: self._unsubscribe,
-            AddPoints: self._add_points,
-            AddBox: self._add_box,
-            RemoveObject: self._remove_object,
-            Reset: self._reset,
-            Pause: self._pause,
-            Resume: self._resume,
-            Close: self._close,
-            ListSessions: self._list,
-            Stats: self._stats,
-            WebRTCPublish: self._webrtc_publish,
-            WebRTCView: self._webrtc_view,
-        }
-
-    # ---------------------------------------------------------------- output
-
-    def send_control(self, data: bytes) -> None:
-        """Queue a reply or event (never dropped; a client that lets too many
-        pile up is disconnected instead)."""
-        if self.closed:
-            return
-        if len(self._control) >= self.server.config.limits.max_pending_messages:
-            logger.warning("client %d: %d unread replies/events; closing it", self.id, len(self._control))
-            self.closed = True
-            self.server.spawn(self.ws.close(1008, "too many unread messages: read replies and events"))
-            return
-        self._control.append(data)
-        self._wake.set()
-
-    def offer_frame(self, sub: Subscription, frame: EncodedFrame, arrival_s: float | None, processed_s: float | None) -> None:
-        """Put the newest frame in the subscription's slot, replacing an unsent one."""
-        if self.closed:
-            return
-        if sub.slot is not None:
-            sub.frames_dropped += 1
-            self.frames_dropped += 1
-            self.server.metrics.client_frames_dropped.inc()
-        sub.slot = (frame, arrival_s, processed_s)
-        self._wake.set()
-
-    def _next_ready(self) -> Subscription | None:
-        subs = list(self.subs.values())
-        for k in range(len(subs)):
-            sub = subs[(self._rr + k) % len(subs)]
-            if sub.slot is not None:
-                self._rr = (self._rr + k + 1) % len(subs)
-                return sub
-        return None
-
-    async def _send_loop(self) -> None:
-        metrics = self.server.metrics
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while True:
-                    if self._control:
-                        await self.ws.send(self._control.popleft(), text=True)
-                        continue
-                    sub = self._next_ready()
-                    if sub is None:
-                        break
-                    assert sub.slot is not None
-                    (frame, arrival_s, processed_s), sub.slot = sub.slot, None
-                    now = time.time()
-                    await self.ws.send(stamp_sent(frame, now), text=not frame.binary)
-                    sub.frames_sent += 1
-                    self.frames_sent += 1
-                    metrics.frames_sent.inc()
-                    if processed_s is not None:
-                        metrics.observe("deliver", now - processed_s)
-                    if arrival_s is not None:
-                        metrics.observe("total", now - arrival_s)
-        except ConnectionClosed:
-            pass
-
-    # ---------------------------------------------------------------- input
-
-    async def run(self) -> None:
-        sender = asyncio.create_task(self._send_loop())
-        self.send_control(encode(self.server.hello(self.id)))
-        try:
-            async for message in self.ws:
-                await self.handle(message)
-        except ConnectionClosed:
-            pass
-        finally:
-            self.closed = True
-            for hub in list(self.hubs.values()):
-                hub.remove(self)
-            self.hubs.clear()
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-            for viewer in self.viewers:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(viewer.close(), 5)
-
-    async def handle(self, message: str | bytes) -> None:
-        """Answer one message with a reply or an error; never raises."""
-        metrics = self.server.metrics
-        try:
-            request = parse_request(message)
-        except ProtocolError as exc:
-            metrics.errors.labels(exc.code).inc()
-            self.send_control(error_from(exc))
-            return
-        kind = type(request).__struct_config__.tag  # type: ignore[attr-defined]
-        metrics.requests.labels(kind).inc()
-        code, text, field = "internal", "", None
-        try:
-            if self.server.closing:
-                raise ProtocolError("shutting_down", "the server is shutting down")
-            reply = await self._handlers[type(request)](request)
-        except ProtocolError as exc:
-            code, text, field = exc.code, exc.message, exc.field
-        except SourceNotAllowedError as exc:
-            code, text = "not_allowed", str(exc)
-        except SourceError as exc:
-            code, text = "source_error", str(exc)
-        except FrameNotAvailableError as exc:
-            code, text = "frame_not_available", str(exc)
-        except PromptError as exc:
-            code, text = "prompt_error", str(exc)
-        except SessionError as exc:
-            code, text = "session_error", str(exc)
-        except TrackerError as exc:
-            code, text = "error", str(exc)
-        except TimeoutError:
-            code, text = "timeout", f"the {kind} request did not finish in {self.server.config.limits.prompt_timeout_s:g} s"
-        except Exception:
-            logger.exception("client %d: %s request failed", self.id, kind)
-            code, text = "internal", f"internal error while serving {kind}; the server logged it"
-        else:
-            self.send_control(encode(reply))
-            return
-        metrics.errors.labels(code).inc()
-        self.send_control(encode_error(request.id, code, text, field))
-
-    # ---------------------------------------------------------------- requests
-
-    def _hub(self, session_id: str) -> SessionHub:
-        hub = self.server.hub_by_id(session_id)
-        if hub is None:
-            raise ProtocolError(
-                "unknown_session", f"unknown session {session_id!r}; list_sessions shows the open ones", field="session_id"
-            )
-        return hub
-
-    def _subscribe(self, hub: SessionHub, mask_format: str) -> None:
-        try:
-            sub = hub.add(self, mask_format)
-        except SessionError as exc:
-            raise ProtocolError("unknown_session", str(exc), field="session_id") from None
-        self.subs[hub.session.id] = sub
-        self.hubs[hub.session.id] = hub
-
-    async def _open(self, req: Open) -> OpenReply:
-        if not self.open_bucket.take():
-            raise ProtocolError(
-                "rate_limited",
-                f"more than {self.server.config.limits.opens_per_s:g} opens per second; "
-                f"retry in {self.open_bucket.wait_s():.2f} s",
-            )
-        session, created = await self.server.open_session(req.source, req.options)
-        hub = self.server.hub(session)
-        if req.subscribe:
-            self._subscribe(hub, req.mask_format)
-        return OpenReply(
-            id=req.id,
-            session=self.server.session_info(session),
-            created=created,
-            subscribed=req.subscribe,
-            mask_format=req.mask_format,
-        )
-
-    async def _subscribe_req(self, req: Subscribe) -> SessionReply:
-        hub = self._hub(req.session_id)
-        self._subscribe(hub, req.mask_format)
-        return SessionReply(id=req.id, session_id=hub.session.id, state=hub.session.state)
-
-    async def _unsubscribe(self, req: Unsubscribe) -> SessionReply:
-        hub = self.hubs.pop(req.session_id, None)
-        self.subs.pop(req.session_id, None)
-        if hub is None:
-            raise ProtocolError(
-                "not_subscribed", f"this connection is not subscribed to session {req.session_id!r}", field="session_id"
-            )
-        hub.remove(self)
-        return SessionReply(id=req.id, session_id=hub.session.id, state=hub.session.state)
-
-    async def _prompt(self, req: AddPoints | AddBox, **prompt: Any) -> PromptReply:
-        hub = self._hub(req.session_id)
-        if not self.prompt_bucket.take():
-            raise ProtocolError(
-                "rate_limited",
-                f"more than {self.server.config.limits.prompts_per_s:g} prompts per second; "
-                f"retry in {self.prompt_bucket.wait_s():.2f} s",
-            )
-        session = hub.session
-        frame_idx = req.frame_idx if req.frame_idx is not None else hub.last_frame_idx
-        try:
-            # a new object's id is picked by the session, counting prompts still in flight
-            future = session.add_prompt(req.obj_id, frame_idx=frame_idx, **prompt)
-        except SessionError as exc:
-            code = "unknown_session" if session.state == "closed" else "limit_exceeded"
-            raise ProtocolError(code, str(exc), field="session_id" if code == "unknown_session" else "obj_id") from None
-        result: ObjectResult = await self.server.wait(future)
-        sub = self.subs.get(session.id)
-        fmt = "none" if sub is not None and sub.mask_format == "none" else "rle"
-        return PromptReply(
-            id=req.id, session_id=session.id, obj_id=result.obj_id, frame_idx=frame_idx, object=object_msg(result, fmt)
-        )
-
-    async def _add_points(self, req: AddPoints) -> PromptReply:
-        return await self._prompt(
-            req,
-            points_xy=[list(p) for p in req.points_xy],
-            labels=list(req.labels),
-            clear_old_points=req.clear_old_points,
-        )
-
-    async def _add_box(self, req: AddBox) -> PromptReply:
-        return await self._prompt(
-            req,
-            box_xyxy=list(req.box_xyxy),
-            points_xy=None if req.points_xy is None else [list(p) for p in req.points_xy],
-            labels=None if req.labels is None else list(req.labels),
-        )
-
-    async def _remove_object(self, req: RemoveObject) -> RemoveReply:
-        hub = self._hub(req.session_id)
-        await self.server.wait(hub.session.remove_object(req.obj_id))
-        return RemoveReply(id=req.id, session_id=hub.session.id, obj_id=req.obj_id, objects=hub.session.predictor.obj_ids)
-
-    async def _reset(self, req: Reset) -> SessionReply:
-        hub = self._hub(req.session_id)
-        await self.server.wait(hub.session.reset())
-        return SessionReply(id=req.id, session_id=hub.session.id, state=hub.session.state)
-
-    async def _pause(self, req: Pause) -> SessionReply:
-        hub = self._hub(req.session_id)
-        hub.session.pause()
-        return SessionReply(id=req.id, session_id=hub.session.id, state=hub.session.state)
-
-    async def _resume(self, req: Resume) -> SessionReply:
-        hub = self._hub(req.session_id)
-        hub.session.resume()
-        return SessionReply(id=req.id, session_id=hub.session.id, state=hub.session.state)
-
-    async def _close(self, req: Close) -> SessionReply:
-        hub = self._hub(req.session_id)
-        await self.server.close_session(hub.session.id, f"closed by client {self.id}")
-        return SessionReply(id=req.id, session_id=hub.session.id, state="closed")
-
-    async def _webrtc_publish(self, req: WebRTCPublish) -> PublishReply:
-        if not self.server.config.webrtc.publish:
-            raise ProtocolError("not_allowed", "this server takes no WebRTC video ([webrtc] publish = false)")
-        if not self.open_bucket.take():
-            raise ProtocolError(
-                "rate_limited",
-                f"more than {self.server.config.limits.opens_per_s:g} opens per second; "
-                f"retry in {self.open_bucket.wait_s():.2f} s",
-            )
-        session, answer = await self.server.open_webrtc_session(req.name, {"sdp": req.offer.sdp, "type": req.offer.type})
-        return PublishReply(
-            id=req.id, session=self.server.session_info(session), answer=SessionDescription(**answer)
-        )
-
-    async def _webrtc_view(self, req: WebRTCView) -> ViewReply:
-        if not self.server.config.webrtc.view:
-            raise ProtocolError("not_allowed", "this server sends no WebRTC video ([webrtc] view = false)")
-        hub = self._hub(req.session_id)
-        webrtc = self.server.webrtc_module()
-        offer = {"sdp": req.offer.sdp, "type": req.offer.type}
-        try:
-            webrtc.parse_offer(offer, want="recv")  # before making a track for it
-            track = webrtc.SessionVideoTrack(hub.session, draw_masks=req.draw_masks)
-            viewer = await webrtc.create_viewer_answer(offer, track, configuration=self.server.peer_configuration())
-        except webrtc.WebRTCError as exc:
-            raise ProtocolError("webrtc_error", str(exc), field="offer") from None
-        if self.closed:
-            await viewer.close()
-            raise ProtocolError("shutting_down", "the connection closed while the viewer was set up")
-        self.viewers.append(viewer)
-        return ViewReply(id=req.id, session_id=hub.session.id, answer=SessionDescription(**viewer.answer))
-
-    async def _list(self, req: ListSessions) -> ListReply:
-        return ListReply(id=req.id, sessions=[self.server.session_info(s) for s in self.server.manager.list()])
-
-    async def _stats(self, req: Stats) -> StatsReply:
-        server = self.server
-        sessions = server.manager.list()
-        if req.session_id is not None:
-            sessions = [self._hub(req.session_id).session]
-        return StatsReply(
-            id=req.id,
-            server=server.server_stats(),
-            sessions=[server.session_stats(s) for s in sessions],
-            client=[
-                SubscriptionStats(
-                    session_id=sid, mask_format=s.mask_format, frames_sent=s.frames_sent, frames_dropped=s.frames_dropped
-                )
-                for sid, s in self.subs.items()
-            ],
-        )
-
-
 class TrackingServer:
     """The WebSocket server with its sessions; see the module docstring.
 
     Args:
         config: the server's configuration (``server.config.load_config``).
-        model: a SAM 2 model from ``tracker.model.build_model``; the server's
-            one inference worker runs it for every session.
-        model_name: shown to clients in ``hello`` (default: ``config.model.name``).
+        model: the default SAM 2 model (``tracker.model.build_model``); one
+            inference worker per device runs the models of every session.
+        model_name: its name for clients (``hello``, ``open``'s ``model``;
+            default: ``config.model.name``).
+        models: more models sessions may choose, by name (``[models]`` in the config).
         routes: extra plain-HTTP GET paths answered during the handshake:
             the operator page plugs in here. A key ending in ``/`` serves
             everything under it (``"/"`` only itself); ``"/"`` may serve a
@@ -600,12 +115,14 @@ class TrackingServer:
         model: torch.nn.Module,
         *,
         model_name: str | None = None,
+        models: dict[str, torch.nn.Module] | None = None,
         routes: dict[str, RouteHandler] | None = None,
     ) -> None:
         config.check()
         self.config = config
         self.model = model
         self.model_name = model_name or config.model.name
+        self.models: dict[str, torch.nn.Module] = {self.model_name: model, **(models or {})}
         self.routes: dict[str, RouteHandler] = dict(routes or {})
         self.catalog = SourceCatalog(config)
         self.metrics = ServerMetrics(self.snapshot)
@@ -653,7 +170,16 @@ class TrackingServer:
                 idle_timeout_s=cfg.limits.idle_timeout_s,
             ),
             predictor_options={"return_logits": False},
+            models=self.models,
+            cpu_fallback=cfg.model.cpu_fallback,
         )
+        for name in self.catalog.names:  # a configured session's choices must be usable
+            model_name, tracking = self.catalog.session_choices(name)
+            try:
+                self.manager.check_options(model_name, tracking)
+            except OptionError as exc:
+                self.worker.stop()
+                raise ConfigError(f"source {name!r} in the config: {exc}") from None
         self.encoder_pool = ThreadPoolExecutor(2, thread_name_prefix="sam2-stream-encode")
         self._blocking_pool = ThreadPoolExecutor(4, thread_name_prefix="sam2-stream-io")
         s = cfg.server
@@ -683,7 +209,7 @@ class TrackingServer:
         self.started_s = time.time()
         self.spawn(self._housekeeping())
         logger.info(
-            "listening on %s (token %s, origins %s, TLS %s); model %s at %d px on %s; sources: %s",
+            "listening on %s (token %s, origins %s, TLS %s); model %s at %d px on %s%s; sources: %s",
             self.url,
             "required" if self._require_token else "not required (loopback)",
             ", ".join(s.allow_origins) if s.allow_origins else "any",
@@ -691,6 +217,7 @@ class TrackingServer:
             self.model_name,
             int(self.model.image_size),
             self.worker.device,
+            f" (also: {', '.join(list(self.models)[1:])})" if len(self.models) > 1 else "",
             ", ".join(self.catalog.names) or "none configured",
         )
 
@@ -716,7 +243,8 @@ class TrackingServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.run_blocking(self.worker.stop)
+        for worker in self.manager.workers:
+            await self.run_blocking(worker.stop)
         if self._webrtc is not None and self.config.webrtc.ice_host_addresses:
             self._webrtc.set_ice_host_addresses(None)  # process-wide: leave it as found
         self._blocking_pool.shutdown(wait=False)
@@ -779,9 +307,18 @@ class TrackingServer:
 
     # ---------------------------------------------------------------- sessions
 
-    async def open_session(self, source: str, options: dict[str, Any] | None) -> tuple[TrackingSession, bool]:
+    async def open_session(
+        self,
+        source: str,
+        options: dict[str, Any] | None,
+        model: str | None = None,
+        tracking: dict[str, Any] | None = None,
+    ) -> tuple[TrackingSession, bool]:
         """A configured name's session (opened on first use), or a new session on
-        a URI the policy allows. Returns the session and whether it was created."""
+        a URI the policy allows, with the model and tracking options asked for
+        (checked before any source opens). Returns the session and whether it
+        was created."""
+        tracking = dict(tracking or {})
         if source in self.config.sources:
             if options:
                 raise ProtocolError(
@@ -794,10 +331,14 @@ class TrackingServer:
                 session_id = self._named.get(source)
                 hub = self.hubs.get(session_id) if session_id else None
                 if hub is not None and hub.session.state != "closed":
+                    self._check_join(hub.session, model, tracking)
                     return hub.session, False
+                config_model, config_tracking = self.catalog.session_choices(source)
+                model, tracking = model or config_model, {**config_tracking, **tracking}
+                self._check_options(model, tracking)
                 self._check_session_limit()
                 opened = await self.run_blocking(self.catalog.open_named, source)
-                session = self.manager.open(opened, name=source)
+                session = self.manager.open(opened, name=source, model=model, options=tracking)
                 self._named[source] = session.id
                 self.hub(session)
                 return session, True
@@ -809,11 +350,37 @@ class TrackingServer:
                 "a file needs an absolute path or a file: URI, and the server's policy must allow it",
                 field="source",
             )
+        self._check_options(model, tracking)
         self._check_session_limit()
         opened = await self.run_blocking(self.catalog.open_uri, source, options)
-        session = self.manager.open(opened, name=opened.spec.display)
+        session = self.manager.open(opened, name=opened.spec.display, model=model, options=tracking)
         self.hub(session)
         return session, True
+
+    def _check_options(self, model: str | None, tracking: dict[str, Any]) -> None:
+        try:
+            self.manager.check_options(model, tracking)
+        except OptionError as exc:
+            field = "model" if exc.option is None else f"tracking.{exc.option}"
+            raise ProtocolError("invalid_option", str(exc), field=field) from None
+
+    def _check_join(self, session: TrackingSession, model: str | None, tracking: dict[str, Any]) -> None:
+        """Joining a running session: a different model or tracking options cannot apply."""
+        if model is not None and model != session.model_name:
+            raise ProtocolError(
+                "invalid_option",
+                f"{session.name!r} already runs with model {session.model_name!r}; join it without a model, "
+                "or close it first",
+                field="model",
+            )
+        differ = sorted(k for k, v in tracking.items() if session.tracking.get(k) != v)
+        if differ:
+            raise ProtocolError(
+                "invalid_option",
+                f"{session.name!r} already runs with other tracking options ({', '.join(differ)}); "
+                "join it without them, or close it first",
+                field=f"tracking.{differ[0]}",
+            )
 
     def webrtc_module(self) -> ModuleType:
         """``server.webrtc``, imported on first use (aiortc is large).
@@ -909,7 +476,8 @@ class TrackingServer:
             server=SERVER_NAME,
             server_version=server_version(),
             client_id=client_id,
-            model=ModelInfo(name=self.model_name, image_size=int(self.model.image_size), device=str(self.worker.device)),
+            model=self.model_info(self.model_name),
+            models=[self.model_info(name) for name in self.models],
             mask_formats=list(MASK_FORMATS),
             sources=self.catalog.names,
             features=self.features(),
@@ -922,6 +490,10 @@ class TrackingServer:
                 idle_timeout_s=limits.idle_timeout_s,
             ),
         )
+
+    def model_info(self, name: str) -> ModelInfo:
+        net = self.models[name]
+        return ModelInfo(name=name, image_size=int(net.image_size), device=str(next(net.parameters()).device))
 
     def features(self) -> list[str]:
         """Optional requests served here: the WebRTC ones when aiortc is installed and allowed."""
@@ -949,6 +521,9 @@ class TrackingServer:
             width=None if size is None else int(size[1]),
             height=None if size is None else int(size[0]),
             fps=getattr(session.source, "fps", None),
+            model=info["model"],
+            device=info["device"],
+            tracking=info["tracking"],
         )
 
     def session_stats(self, session: TrackingSession) -> SessionStatsInfo:

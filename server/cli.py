@@ -22,9 +22,9 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from server.config import ConfigError, ServerConfig, SourceEntry, load_config
+from server.config import ConfigError, ModelEntry, ServerConfig, SourceEntry, load_config
 from tracker.cli import add_model_args
 from tracker.cli import build_parser as build_tracker_parser
 from tracker.cli import main as tracker_main
@@ -64,6 +64,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--max-objects", type=int, help="objects per session (default 16)")
     s.add_argument("--max-batch", type=int, help="sessions' frames per image-encoder call (default 4)")
     s.add_argument("--idle-timeout", type=float, metavar="S", help="close sessions nobody watched for S seconds (default 60)")
+    s.add_argument("--cpu-fallback", action="store_true", default=None,
+                   help="a session that runs out of CUDA memory moves to the CPU (slow, logged) "
+                        "instead of dropping its frames")
     s.add_argument("--no-page", action="store_true", help="do not serve the operator page at / (WebSocket and HTTP API only)")
     add_model_args(s)
     s.set_defaults(func=cmd_serve, model=None, device=None)
@@ -94,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             setattr(limits, attr, value)
     for attr, value in (("name", args.model), ("checkpoint", args.checkpoint), ("device", args.device),
                         ("image_size", args.image_size), ("random_weights", args.random_weights),
-                        ("max_batch", args.max_batch)):
+                        ("max_batch", args.max_batch), ("cpu_fallback", args.cpu_fallback)):
         if value is not None:
             setattr(model, attr, value)
     sources = dict(config.sources)
@@ -113,22 +116,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     config.check()
-    m = config.model
-    logger.info("loading model %s%s on %s%s", m.name, f" at {m.image_size} px" if m.image_size else "",
-                m.device, f" from {m.checkpoint}" if m.checkpoint else "")
-    model = build_model(
-        m.name,
-        checkpoint=config.resolve(m.checkpoint) if m.checkpoint else None,
-        device=m.device,
-        image_size=m.image_size,
-        random_weights_seed=m.random_weights,
-    )
+
+    def load(key: str, m: ModelEntry) -> Any:
+        logger.info("loading model %s (%s%s on %s%s)", key, m.name, f" at {m.image_size} px" if m.image_size else "",
+                    m.device, f" from {m.checkpoint}" if m.checkpoint else "")
+        return build_model(
+            m.name,
+            checkpoint=config.resolve(m.checkpoint) if m.checkpoint else None,
+            device=m.device,
+            image_size=m.image_size,
+            random_weights_seed=m.random_weights,
+        )
+
+    model = load(config.model.name, config.model)
+    more = {key: load(key, entry) for key, entry in config.models.items()}
     routes = {}
     if not args.no_page:
         from server.page import page_routes
 
         routes = page_routes()
-    server = TrackingServer(config, model, routes=routes)
+    server = TrackingServer(config, model, models=more, routes=routes)
     return asyncio.run(_serve(server, page=bool(routes)))
 
 

@@ -76,6 +76,7 @@ from server.protocol import (
     Stats,
     StatsReply,
     Subscribe,
+    TrackingOptions,
     Unsubscribe,
     SessionDescription,
     ViewReply,
@@ -492,9 +493,29 @@ class Client:
         mask_format: str = "rle",
         options: dict[str, Any] | None = None,
         subscribe: bool = True,
+        model: str | None = None,
+        tracking: Mapping[str, Any] | None = None,
     ) -> RemoteSession:
-        """Open (or join) a session on a configured source name or an allowed URI."""
-        req = Open(id=0, source=source, mask_format=mask_format, subscribe=subscribe, options=options)  # type: ignore[arg-type]
+        """Open (or join) a session on a configured source name or an allowed URI.
+
+        ``model``: one of the server's models (``hello.models``); ``tracking``:
+        this session's tracking options (``server.protocol.TrackingOptions``,
+        e.g. ``{"max_objects": 4, "lost_after_frames": 30}``). Both apply to a
+        session this call creates. ``options``: source options (URIs only).
+        """
+        try:
+            tracking_options = None if tracking is None else msgspec.convert(dict(tracking), TrackingOptions)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"tracking: {exc}") from None
+        req = Open(
+            id=0,
+            source=source,
+            mask_format=mask_format,  # type: ignore[arg-type]
+            subscribe=subscribe,
+            options=options,
+            model=model,
+            tracking=tracking_options,
+        )
         reply = await self.request(req, OpenReply)
         return self._sessions.get(reply.session.session_id) or RemoteSession(
             self, reply.session, subscribed=False, mask_format=mask_format

@@ -12,9 +12,13 @@ through msgspec, so a wrong key or type is refused at start-up with its path
     tls_cert = "cert.pem"       # both: wss:// and https://
     tls_key = "key.pem"
 
-    [model]
+    [model]                     # the default model
     name = "sam2.1-tiny"
     image_size = 512
+    cpu_fallback = true         # out of CUDA memory: move that session to the CPU
+
+    [models.large]              # more models sessions may choose (open's "model")
+    name = "sam2.1-large"
 
     [limits]
     max_sessions = 8
@@ -32,6 +36,7 @@ through msgspec, so a wrong key or type is refused at start-up with its path
     [sources]                   # what clients open by name
     cam1 = "rtsp://user:pw@10.0.0.5/stream"
     clip = { uri = "clip.mp4", loop = true, options = { resize = 640 } }
+    dock = { uri = "rtsp://10.0.0.6/stream", model = "large", tracking = { max_objects = 4 } }
 
 Relative paths (sources, ``allow_dirs``, TLS files) are relative to the file's
 folder. Files named here play as a live camera (``mode = "live"``,
@@ -91,14 +96,24 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_every_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
 
-class ModelSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One model the server loads (``tracker.model.build_model``'s arguments)."""
+
     name: str = "sam2.1-tiny"
     checkpoint: str | None = None
     device: str = "auto"
     image_size: Annotated[int, msgspec.Meta(ge=64, le=4096)] | None = None
     random_weights: int | None = None
+
+
+class ModelSection(ModelEntry, forbid_unknown_fields=True, kw_only=True):
+    """The default model, and what holds for every model."""
+
     #: newest frames of up to this many sessions share one image-encoder call
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    #: a session that runs out of CUDA memory moves to a CPU copy of its model
+    #: (slow, logged) instead of dropping frame after frame
+    cpu_fallback: bool = False
 
 
 class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -145,11 +160,17 @@ class SourceEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: files: start again at the end (default true); ignored for live sources
     loop: bool | None = None
     options: dict[str, OptionValue] = {}
+    #: the model its session uses (a key of [models], or the default's name); a client may choose another
+    model: str | None = None
+    #: its session's tracking options (``tracker.session.TRACKING_OPTIONS``); a client's override them
+    tracking: dict[str, Union[bool, int, float]] = {}
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     model: ModelSection = msgspec.field(default_factory=ModelSection)
+    #: more models sessions may choose by these names (the default is ``model.name``)
+    models: dict[str, ModelEntry] = {}
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     policy: PolicySection = msgspec.field(default_factory=PolicySection)
     webrtc: WebRTCSection = msgspec.field(default_factory=WebRTCSection)
@@ -164,6 +185,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not p.is_absolute() and self.base_dir:
             p = Path(self.base_dir) / p
         return str(p)
+
+    def model_names(self) -> list[str]:
+        """The names clients give ``open``'s ``model``: the default's first."""
+        return [self.model.name, *self.models]
 
     def token(self) -> str | None:
         """The bearer token clients must send: the file's, else ``$SAM2_STREAM_TOKEN``."""
@@ -212,6 +237,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name in self.sources:
             if not _NAME_RE.match(name):
                 raise ConfigError(f"source name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
+        for name in self.models:
+            if not _NAME_RE.match(name):
+                raise ConfigError(f"model name {name!r} in [models]: use 1-64 letters, digits, '_', '.', '-'")
+            if name == self.model.name:
+                raise ConfigError(f"[models.{name}] has the default model's name ([model] name = {name!r}); rename one")
         catalog = SourceCatalog(self)
         for name in self.sources:
             catalog.spec(name)
@@ -285,6 +315,13 @@ class SourceCatalog:
             raise ConfigError(f"source {name!r} in the config: {exc}") from None
         loop = entry.loop if entry.loop is not None else spec.kind == "file"
         return spec, bool(loop and spec.kind == "file")
+
+    def session_choices(self, name: str) -> tuple[str | None, dict[str, Any]]:
+        """The model and tracking options the config gives a named source's session."""
+        entry = self.config.sources[name]
+        if isinstance(entry, str):
+            return None, {}
+        return entry.model, dict(entry.tracking)
 
     def open_named(self, name: str) -> VideoSource:
         """Open a configured source (blocking: run it off the event loop)."""

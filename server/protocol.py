@@ -100,14 +100,46 @@ class Request(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_o
     id: RequestId
 
 
+class TrackingOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A session's own tracking choices (``open``'s ``tracking``); unset = the server's.
+
+    ``max_objects`` may not exceed the server's limit (checked when opening).
+    """
+
+    #: how far back (seconds) a click may reach: a prompt on a frame older than this is refused
+    prompt_window_s: Annotated[float, msgspec.Meta(ge=0, le=60)] | None = None
+    #: frames whose features are kept for late clicks (a few MiB each at 1024 px)
+    max_prompt_frames: Annotated[int, msgspec.Meta(ge=1, le=600)] | None = None
+    #: prompted frames kept per object as memory (the first one and the most recent)
+    max_cond_frames: Annotated[int, msgspec.Meta(ge=2, le=64)] | None = None
+    #: a click on a tracked object becomes a conditioning frame (keeps acting later)
+    corrections_as_cond: bool | None = None
+    #: objects share memory-attention / mask-decoder calls (faster; equal within 1e-4)
+    batch_objects: bool | None = None
+    #: an object not visible for this many frames is reported ``lost``
+    lost_after_frames: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
+    max_objects: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+    def chosen(self) -> dict[str, Any]:
+        """The options the client set."""
+        return {f: getattr(self, f) for f in self.__struct_fields__ if getattr(self, f) is not None}
+
+
 class Open(Request, tag="open", kw_only=True):
     """Open a source by its configured name (shared: opening a running name
-    subscribes to its session) or by URI where the server's policy allows."""
+    subscribes to its session) or by URI where the server's policy allows.
+
+    ``model`` (one of ``hello.models``) and ``tracking`` apply to a session this
+    request creates; joining a running session with different ones is refused.
+    ``options`` are source options (URIs only).
+    """
 
     source: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
     mask_format: MaskFormat = "rle"
     subscribe: bool = True
     options: Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)], OptionValue], msgspec.Meta(max_length=16)] | None = None
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    tracking: TrackingOptions | None = None
 
 
 class Subscribe(Request, tag="subscribe", kw_only=True):
@@ -392,12 +424,14 @@ class Hello(msgspec.Struct, tag="hello", tag_field="type", kw_only=True):
     server: str
     server_version: str
     client_id: int
-    model: ModelInfo
+    model: ModelInfo  # the default one
     mask_formats: list[str]
     sources: list[str]
     limits: LimitsInfo
     #: optional requests this server serves, e.g. ``webrtc_publish``, ``webrtc_view``
     features: list[str] = []
+    #: every model ``open`` may name, the default first
+    models: list[ModelInfo] = []
 
 
 class ErrorMsg(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
@@ -427,6 +461,9 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     width: int | None = None
     height: int | None = None
     fps: float | None = None
+    model: str | None = None  # its name in hello.models
+    device: str | None = None  # where it runs now (cpu after a CUDA out-of-memory fallback)
+    tracking: dict[str, Any] = {}  # the tracking options it was opened with
 
 
 class OpenReply(Reply, kw_only=True):

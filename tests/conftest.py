@@ -37,3 +37,11 @@ def model(random_checkpoint: Path) -> torch.nn.Module:
     from tracker.model import build_model
 
     return build_model("sam2.1-tiny", checkpoint=random_checkpoint, device="cpu", image_size=TEST_IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session")
+def second_model() -> torch.nn.Module:
+    """Another model with other (seeded random) weights: sessions choosing models."""
+    from tracker.model import build_model
+
+    return build_model("sam2.1-tiny", device="cpu", image_size=TEST_IMAGE_SIZE, random_weights_seed=TEST_SEED + 1)

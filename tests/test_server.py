@@ -25,7 +25,6 @@ import threading
 import time
 import urllib.request
 from contextlib import contextmanager
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -548,8 +547,10 @@ def test_a_file_source_loops_as_a_camera(model, tmp_path):
 
 
 def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
+    config = tmp_path / "server.toml"
+    config.write_text('[models.second]\nname = "sam2.1-tiny"\nimage_size = 256\nrandom_weights = 1\ndevice = "cpu"\n')
     cmd = [sys.executable, "-m", "server.cli", "serve", "--random-weights", "0", "--image-size", "256",
-           "--port", "0", "--source", "cam=push:cam", "--device", "cpu"]
+           "--port", "0", "--source", "cam=push:cam", "--device", "cpu", "--config", str(config), "--cpu-fallback"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
     url = None
@@ -566,9 +567,10 @@ def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
         threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
         c = Raw(url)
         assert c.hello["sources"] == ["cam"]
+        assert [m["name"] for m in c.hello["models"]] == ["sam2.1-tiny", "second"]
         status, page, _ = http_get(url.replace("ws://", "http://"))
         assert status == 200 and page.startswith("<!doctype html>")  # the operator page
-        c.request("open", source="cam")
+        assert c.request("open", source="cam", model="second")["session"]["model"] == "second"
         proc.send_signal(signal.SIGTERM)
         assert c.next_event("closed")["message"] == "server shutting down"
         assert proc.wait(30) == 0
@@ -577,7 +579,8 @@ def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
             proc.kill()
             proc.wait()
     log = "".join(lines)
-    for text in ("loading model sam2.1-tiny at 256 px on cpu", "operator page: http://127.0.0.1:", "client 1 connected",
+    for text in ("loading model sam2.1-tiny (sam2.1-tiny at 256 px on cpu)",
+                 "loading model second (sam2.1-tiny at 256 px on cpu)", "on cpu (also: second)", "operator page: http://127.0.0.1:", "client 1 connected",
                  "signal received; stopping",
                  "shutting down: closing 1 session(s), 1 client(s)", "stopped"):
         assert text in log, log
@@ -761,3 +764,110 @@ def test_config_file_and_command_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         config_from_args(build_parser().parse_args(["serve", "--source", "nouri"]))
     assert str(err.value) == "--source 'nouri': expected NAME=URI, e.g. cam1=rtsp://10.0.0.5/stream"
+
+
+# ---------------------------------------------------------------- per-session model and tracking options
+
+
+def test_open_chooses_the_model_and_tracking_options_of_its_session(model, second_model):
+    from server.client import SyncClient
+    from server.config import SourceEntry
+
+    config = make_config(
+        sources={
+            "cam": "push:cam",
+            "cam2": "push:cam2",
+            "dock": SourceEntry(uri="push:dock", model="b", tracking={"max_objects": 2}),
+        },
+        limits={"opens_per_s": 100.0, "open_burst": 100.0},
+    )
+    with ServerThread(TrackingServer(config, model, models={"b": second_model})).start() as st:
+        c = Raw(st.url)
+        assert [(m["name"], m["image_size"], m["device"]) for m in c.hello["models"]] == [
+            ("sam2.1-tiny", 256, "cpu"), ("b", 256, "cpu")]
+        assert c.hello["model"]["name"] == "sam2.1-tiny"
+
+        opened = c.request("open", source="cam", model="b", tracking={"max_objects": 1, "lost_after_frames": 3})
+        info = opened["session"]
+        assert (info["model"], info["device"], info["tracking"]) == ("b", "cpu", {"max_objects": 1, "lost_after_frames": 3})
+        sid = info["session_id"]
+        session = st.server.manager.get(sid)
+        assert session.predictor.model is second_model and session.limits.lost_after_frames == 3
+        # the masks are the chosen model's
+        src = source_of(st, sid)
+        src.push(FRAMES[0])
+        c.next_frame()
+        ref = StreamingPredictor(second_model)
+        ref.track(FRAMES[0])
+        cx, cy = shape_centres(0, H, W)[0]
+        reply = c.request("add_points", session_id=sid, points_xy=[[cx, cy]], labels=[1], frame_idx=0)
+        np.testing.assert_array_equal(rle_mask(reply["object"]["mask"]), ref.add_points(1, [[cx, cy]], [1]).mask_hw)
+        src.push(FRAMES[1])
+        np.testing.assert_array_equal(rle_mask(objects_of(c.next_frame())[1]["mask"]), ref.track(FRAMES[1]).objects[1].mask_hw)
+        err = c.error("add_points", session_id=sid, points_xy=[[5, 5]], labels=[1], frame_idx=1)
+        assert err["code"] == "limit_exceeded"  # this session's max_objects = 1
+
+        # joining: same choices or none are fine; others are refused
+        d = Raw(st.url)
+        assert d.request("open", source="cam")["created"] is False
+        assert d.request("open", source="cam", model="b", tracking={"max_objects": 1})["created"] is False
+        err = d.error("open", source="cam", model="sam2.1-tiny")
+        assert (err["code"], err["field"]) == ("invalid_option", "model")
+        assert err["message"] == "'cam' already runs with model 'b'; join it without a model, or close it first"
+        err = d.error("open", source="cam", tracking={"max_objects": 2})
+        assert (err["code"], err["field"]) == ("invalid_option", "tracking.max_objects")
+
+        # the config's choices for a named source
+        dock = d.request("open", source="dock")["session"]
+        assert (dock["model"], dock["tracking"]) == ("b", {"max_objects": 2})
+
+        # bad choices: clear errors naming the field, and no session or source left behind
+        before = len(st.server.manager.list())
+        for fields, code, field, message in [
+            ({"model": "sam2.1-large"}, "invalid_option", "model",
+             "no model 'sam2.1-large' on this server (it has: sam2.1-tiny, b)"),
+            ({"tracking": {"max_objects": 99}}, "invalid_option", "tracking.max_objects",
+             "tracking option max_objects must be in [1, 16], not 99"),
+            ({"tracking": {"max_cond_frames": 1}}, "invalid_message", "tracking.max_cond_frames",
+             "Expected `int` >= 2 - at `$.tracking.max_cond_frames`"),
+            ({"tracking": {"resize": 640}}, "invalid_message", "tracking.resize",
+             "Object contains unknown field `resize` - at `$.tracking`"),
+            ({"tracking": {"batch_objects": "yes"}}, "invalid_message", "tracking.batch_objects",
+             "Expected `bool | null`, got `str` - at `$.tracking.batch_objects`"),
+        ]:
+            err = d.error("open", source="cam2", **fields)
+            assert (err["code"], err["field"], err["message"]) == (code, field, message)
+        assert len(st.server.manager.list()) == before
+
+        # the Python client
+        with SyncClient(st.url) as client:
+            remote = client.open("cam2", model="b", tracking={"batch_objects": True, "max_cond_frames": 4})
+            assert (remote.info.model, remote.info.tracking) == ("b", {"max_cond_frames": 4, "batch_objects": True})
+            predictor = st.server.manager.get(remote.id).predictor
+            assert predictor.batch_objects is True and predictor.max_cond_frames == 4
+            with pytest.raises(ValueError) as exc:
+                client.open("cam2", tracking={"max_cond_frames": "many"})
+            assert str(exc.value) == "tracking: Expected `int | null`, got `str` - at `$.max_cond_frames`"
+        c.close()
+        d.close()
+
+
+def test_config_models_and_source_choices_are_checked_at_start(model, second_model):
+    from server.config import ConfigError, ModelEntry, SourceEntry
+
+    config = make_config(sources={"dock": SourceEntry(uri="push:dock", model="large")})
+    with pytest.raises(ConfigError) as err:
+        ServerThread(TrackingServer(config, model)).start()
+    assert str(err.value) == "source 'dock' in the config: no model 'large' on this server (it has: sam2.1-tiny)"
+    config.models = {"sam2.1-tiny": ModelEntry()}
+    with pytest.raises(ConfigError) as err:
+        config.check()
+    assert str(err.value) == "[models.sam2.1-tiny] has the default model's name ([model] name = 'sam2.1-tiny'); rename one"
+    config = make_config(sources={"dock": SourceEntry(uri="push:dock", tracking={"max_objects": 0})})
+    with pytest.raises(ConfigError) as err:
+        ServerThread(TrackingServer(config, model)).start()
+    assert str(err.value) == "source 'dock' in the config: tracking option max_objects must be in [1, 16], not 0"
+    # a model the config lists is one sessions may choose
+    config = make_config(sources={"dock": SourceEntry(uri="push:dock", model="b")})
+    with ServerThread(TrackingServer(config, model, models={"b": second_model})).start() as st:
+        assert [m.name for m in st.server.hello(1).models] == ["sam2.1-tiny", "b"]

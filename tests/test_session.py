@@ -191,3 +191,157 @@ def test_slow_worker_drops_frames_never_queues(model, worker):
     assert session.stats.frames_processed == 1
     assert session.source.stats.dropped + session.stats.frames_dropped == 7
     manager.close_all()
+
+
+def test_per_session_tracking_options_and_their_errors(model, worker):
+    manager = SessionManager(worker, limits=SessionLimits(max_objects=4, lost_after_frames=15))
+    src = PushSource("opts")
+    session = manager.open(
+        src, options={"max_objects": 1, "lost_after_frames": 2, "max_cond_frames": 3, "prompt_window_s": 0.5}
+    )
+    assert session.limits.max_objects == 1 and session.limits.lost_after_frames == 2
+    assert session.predictor.max_cond_frames == 3 and session.predictor.prompt_window_s == 0.5
+    assert session.info()["model"] == "default"
+    q = collect(session)
+    src.push(FRAMES[0])
+    next_result(q)
+    session.add_prompt(1, points_xy=[[20, 20]], labels=[1]).result(30)
+    with pytest.raises(SessionError) as err:
+        session.add_prompt(2, points_xy=[[40, 40]], labels=[1])
+    assert str(err.value) == f"session {session.id} already tracks 1 objects (the limit); remove one first"
+    # the manager's defaults are untouched by one session's choices
+    other = manager.open(PushSource("defaults"))
+    assert other.limits.max_objects == 4 and other.predictor.max_cond_frames == 8
+
+    bad = [
+        ({"max_objects": 5}, "tracking option max_objects must be in [1, 4], not 5"),
+        ({"max_cond_frames": 1}, "tracking option max_cond_frames must be in [2, 64], not 1"),
+        ({"max_cond_frames": 2.5}, "tracking option max_cond_frames must be an integer, not 2.5"),
+        ({"batch_objects": 1}, "tracking option batch_objects must be true or false, not 1"),
+        ({"prompt_window_s": "long"}, "tracking option prompt_window_s must be a number, not 'long'"),
+        ({"resize": "cv2"}, "unknown tracking option 'resize' (known: " + ", ".join(
+            ["prompt_window_s", "max_prompt_frames", "max_cond_frames", "corrections_as_cond", "batch_objects",
+             "lost_after_frames", "max_objects"]) + ")"),
+    ]
+    for options, message in bad:
+        refused = PushSource("refused")
+        with pytest.raises(ValueError) as err:
+            manager.open(refused, options=options)
+        assert str(err.value) == message
+        assert refused.closed  # nothing left open
+    with pytest.raises(ValueError) as err:
+        manager.open(PushSource("m"), model="sam2.1-large")
+    assert str(err.value) == "no model 'sam2.1-large' on this server (it has: default)"
+    assert len(manager.list()) == 2
+    manager.close_all()
+
+
+def test_sessions_choose_their_model_and_batch_only_with_their_own(model, second_model):
+    worker = InferenceWorker(model, max_batch=4)
+    try:
+        manager = SessionManager(worker, models={"a": model, "b": second_model})
+        assert manager.default_model == "a"
+        sources = {name: PushSource(name) for name in ("a", "b", "a2")}
+        sessions = {
+            "a": manager.open(sources["a"]),
+            "b": manager.open(sources["b"], model="b"),
+            "a2": manager.open(sources["a2"], model="a"),
+        }
+        assert sessions["b"].predictor.model is second_model and sessions["b"].worker is worker  # one worker per device
+        queues = {name: collect(s) for name, s in sessions.items()}
+        gate = threading.Event()
+        worker.submit(lambda: gate.wait(30))
+        for src in sources.values():
+            src.push(FRAMES[0])
+        deadline = time.time() + 10
+        while not all(s.has_frame() for s in sessions.values()) and time.time() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        first = {name: next_result(q) for name, q in queues.items()}
+        # the two sessions on model a share an encoder call; b gets its own
+        assert worker.steps == 2 and worker.batched_frames == 3
+        cx, cy = shape_centres(0, H, W)[0]
+        got = {}
+        for name, s in sessions.items():
+            got[name] = [s.add_prompt(1, points_xy=[[cx, cy]], labels=[1], frame_idx=first[name].frame_idx).result(30).logits_hw]
+        for f in range(1, 4):
+            for name, src in sources.items():
+                src.push(FRAMES[f])
+                got[name].append(next_result(queues[name]).objects[1].logits_hw)
+        for name, net in (("a", model), ("b", second_model), ("a2", model)):
+            ref = StreamingPredictor(net)
+            ref.track(FRAMES[0])
+            expected = [ref.add_points(1, [[cx, cy]], [1]).logits_hw] + [ref.track(FRAMES[f]).objects[1].logits_hw for f in range(1, 4)]
+            for a, b in zip(got[name], expected):
+                np.testing.assert_allclose(a, b, atol=1e-5)
+        # different weights, different masks: the model choice took effect
+        assert not np.allclose(got["a"][-1], got["b"][-1], atol=1e-3)
+        manager.close_all()
+    finally:
+        worker.stop()
+
+
+def test_out_of_cuda_memory_moves_the_session_to_a_cpu_copy_of_its_model(model):
+    """The fault is injected (there is no GPU here); the move itself is real: the
+    tracking state goes to a copy of the model on its own worker and tracking
+    goes on exactly as an uninterrupted predictor that skipped the dropped frame."""
+    import torch
+
+    worker = InferenceWorker(model, max_batch=4)
+    try:
+        manager = SessionManager(worker, cpu_fallback=True)
+        a_src, b_src = PushSource("a"), PushSource("b")
+        a, b = manager.open(a_src), manager.open(b_src)
+        qa, qb = collect(a), collect(b)
+        events: list[SessionEvent] = []
+        a.subscribe(lambda item: events.append(item) if isinstance(item, SessionEvent) else None)
+        a_src.push(FRAMES[0])
+        b_src.push(FRAMES[0])
+        first = next_result(qa)
+        next_result(qb)
+        cx, cy = shape_centres(0, H, W)[0]
+        a.add_prompt(1, points_xy=[[cx, cy]], labels=[1], frame_idx=first.frame_idx).result(30)
+        original = a.predictor.propagate
+        calls = {"n": 0}
+
+        def oom_once(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            return original(*args, **kw)
+
+        a.predictor.propagate = oom_once
+        got = {}
+        for f in range(1, 6):
+            a_src.push(FRAMES[f])
+            b_src.push(FRAMES[f])
+            assert next_result(qb).frame_idx == f  # b never notices
+            if f == 2:
+                deadline = time.time() + 30
+                while not any(e.kind == "moved" for e in events) and time.time() < deadline:
+                    time.sleep(0.01)
+                continue
+            got[f] = next_result(qa).objects[1].logits_hw
+        kinds = [e.kind for e in events]
+        assert kinds == ["error", "moved"]
+        assert events[0].message.startswith("OutOfMemoryError: CUDA out of memory")
+        assert events[1].message == f"out of CUDA memory on cpu: session {a.id} now runs on the CPU (slower)"
+        # a copy of the model on the CPU, served by the CPU's worker (one per device:
+        # here the model was on the CPU already, so that is the same worker)
+        assert a.predictor.model is not model and a.predictor.device.type == "cpu"
+        assert manager.workers == [worker] and a.worker is worker
+        assert b.worker is worker and b.predictor.model is model
+        assert a.info()["objects"] == [1]
+        # the frame that ran out of memory is lost; everything else equals a predictor that never moved
+        ref = StreamingPredictor(model)
+        ref.track(FRAMES[0])
+        ref.add_points(1, [[cx, cy]], [1])
+        np.testing.assert_allclose(got[1], ref.track(FRAMES[1]).objects[1].logits_hw, atol=1e-5)
+        ref.encode(2, FRAMES[2])  # the dropped frame was encoded, never tracked
+        for f in (3, 4, 5):
+            np.testing.assert_allclose(got[f], ref.track(FRAMES[f]).objects[1].logits_hw, atol=1e-5)
+        manager.close_all()
+        for w in manager.workers:
+            w.stop()
+    finally:
+        worker.stop()

@@ -95,6 +95,17 @@ class PredictorStats:
     catch_up_frames: int = 0
 
 
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside (dicts, lists, tuples) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
 class StreamingPredictor:
     """Track prompted objects through frames that arrive one at a time.
 
@@ -423,6 +434,9 @@ class StreamingPredictor:
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take over a :meth:`state_dict`, from this predictor or another one on
+        another device (tensors move to this one's device, dtypes kept)."""
+        state = _to_device(state, self.device)
         with self._lock:
             self._objects = {int(k): _ObjectState(obj_id=int(k), **v) for k, v in state["objects"].items()}
             self._maskmem_pos_enc = state["maskmem_pos_enc"]

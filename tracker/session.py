@@ -12,7 +12,13 @@ Sessions are served round-robin, so none waits more than one step for another.
 
 A failure inside a step (a model error, CUDA out of memory, a bad frame) is
 contained to its session: its subscribers get an ``error`` event, the frame is
-dropped, and every other session carries on.
+dropped, and every other session carries on. Where the manager is built with
+``cpu_fallback``, a session that runs out of CUDA memory moves to a CPU copy of
+its model (its tracking state moves with it) and says so in a ``moved`` event.
+
+A session picks its model among the manager's (``SessionManager(models=...)``)
+and its own tracking options; sessions on one device share one worker, which
+batches the frames of sessions with the same model.
 
 Subscribers are plain callables taking a :class:`FrameResult` or a
 :class:`SessionEvent`; they are called on the worker or reader thread and must
@@ -23,6 +29,7 @@ No network code here: ``server`` builds on this.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import queue
@@ -48,12 +55,22 @@ class SessionError(TrackerError):
     """A session operation cannot be done (limits, closed session, unknown id)."""
 
 
+class OptionError(ValueError):
+    """A session's model or tracking option cannot be used; ``option`` names it
+    (None: the model name)."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 @dataclass
 class SessionEvent:
     """Something that happened to a session or one of its objects.
 
     kinds: ``lost`` / ``found`` (object score stayed <= 0 for ``lost_after``
     frames / came back), ``error`` (a step failed; the frame was dropped),
+    ``moved`` (out of CUDA memory: the session now runs on the CPU),
     ``source_dropped`` / ``source_reconnected`` / ``source_ended`` /
     ``source_failed``, ``paused`` / ``resumed``, ``closed``.
     """
@@ -109,9 +126,17 @@ class TrackingSession:
         name: str = "",
         limits: SessionLimits | None = None,
         session_id: str | None = None,
+        model_name: str = "",
+        predictor_options: dict[str, Any] | None = None,
+        tracking: dict[str, Any] | None = None,
     ) -> None:
         self.id = session_id or uuid.uuid4().hex[:12]
         self.name = name or self.id
+        self.model_name = model_name
+        #: the keywords ``predictor`` was built with (a move to another device rebuilds it)
+        self.predictor_options = dict(predictor_options or {})
+        #: the tracking options it was opened with (``SessionManager.open``)
+        self.tracking = dict(tracking or {})
         self.source = source
         self.predictor = predictor
         self.worker = worker
@@ -131,6 +156,8 @@ class TrackingSession:
         self._not_visible: dict[int, int] = {}  # obj_id -> consecutive frames with score <= 0
         self._lost: set[int] = set()
         self._stop = threading.Event()
+        #: called on the worker thread after a step ran out of CUDA memory (the manager's CPU fallback)
+        self.on_out_of_memory: Callable[[TrackingSession], None] | None = None
         self._reader = threading.Thread(target=self._read_loop, name=f"session-{self.id}-reader", daemon=True)
         worker.attach(self)
         self._reader.start()
@@ -269,6 +296,9 @@ class TrackingSession:
             "source": getattr(self.source.spec, "display", str(getattr(self.source, "spec", ""))),
             "state": self.state,
             "objects": self.predictor.obj_ids,
+            "model": self.model_name,
+            "device": str(self.predictor.device),
+            "tracking": dict(self.tracking),
             "subscribers": self.subscriber_count,
             "frames_processed": self.stats.frames_processed,
             "frames_dropped": self.stats.frames_dropped,
@@ -360,10 +390,30 @@ class TrackingSession:
         self.stats.step_errors += 1
         logger.warning("session %s: step failed, frame dropped: %s", self.id, exc)
         self._event("error", f"{type(exc).__name__}: {exc}; frame dropped")
+        if isinstance(exc, torch.cuda.OutOfMemoryError) and self.on_out_of_memory is not None:
+            try:
+                self.on_out_of_memory(self)
+            except Exception:
+                logger.exception("session %s: moving off the GPU failed; it stays where it is", self.id)
+
+    def move_to(self, predictor: StreamingPredictor, worker: "InferenceWorker", why: str) -> None:
+        """Carry on with another predictor (holding this one's tracking state) on
+        another worker. Call on the current worker's thread, between steps."""
+        old = self.worker
+        old.detach(self)
+        self.predictor, self.worker = predictor, worker
+        worker.attach(self)
+        self._event("moved", why)
+        worker.wake()
+        if old is not worker:
+            old.wake()
 
 
 class InferenceWorker:
-    """The one thread that runs model work for every session on one device."""
+    """The one thread that runs model work for every session on one device.
+
+    ``model`` fixes the device; sessions may bring other models on that device
+    (each step batches the sessions that share one model)."""
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 4, name: str = "inference") -> None:
         self.model = model
@@ -441,7 +491,9 @@ class InferenceWorker:
             # round-robin: start after the last session served first
             self._rr = (self._rr + 1) % max(1, len(self._sessions))
             ready.sort(key=lambda s: (self._sessions.index(s) - self._rr) % len(self._sessions))
-            batch = ready[: self.max_batch]
+            # one encoder call per model: the first session's model takes this step
+            model = ready[0].predictor.model
+            batch = [s for s in ready if s.predictor.model is model][: self.max_batch]
         items = []
         for s in batch:
             taken = s.take_frame()
@@ -481,9 +533,10 @@ class InferenceWorker:
                 session.fail_step(e)
         if not good:
             return
+        model = good[0][0].predictor.model
         try:
             with torch.inference_mode(), autocast_context(self.device):
-                backbone = self.model.forward_image(torch.cat([g[2] for g in good], dim=0))
+                backbone = model.forward_image(torch.cat([g[2] for g in good], dim=0))
         except Exception as e:
             for session, _, _ in good:
                 session.fail_step(e)
@@ -512,9 +565,34 @@ class InferenceWorker:
             torch.cuda.empty_cache()
 
 
+#: per-session tracking options a client may choose (``SessionManager.open``)
+TRACKING_OPTIONS: tuple[str, ...] = (
+    "prompt_window_s",
+    "max_prompt_frames",
+    "max_cond_frames",
+    "corrections_as_cond",
+    "batch_objects",
+    "lost_after_frames",
+    "max_objects",
+)
+
+
 class SessionManager:
     """Every open session of a server: opening (with limits), lookup, closing, and
-    closing sessions nobody has watched for ``idle_timeout_s``."""
+    closing sessions nobody has watched for ``idle_timeout_s``.
+
+    Args:
+        worker: the inference worker of the default model's device.
+        max_sessions: open sessions at most.
+        limits: per-session defaults (``max_objects`` is also the ceiling a
+            session's own ``max_objects`` may ask for).
+        predictor_options: ``StreamingPredictor`` keywords for every session.
+        models: the models sessions may ask for by name (default: ``{"default":
+            worker.model}``); the first is the default. A model on another device
+            gets its own worker.
+        cpu_fallback: a session that runs out of CUDA memory moves to a CPU copy
+            of its model (made once per model) instead of dropping frame after frame.
+    """
 
     def __init__(
         self,
@@ -523,27 +601,138 @@ class SessionManager:
         max_sessions: int = 8,
         limits: SessionLimits | None = None,
         predictor_options: dict[str, Any] | None = None,
+        models: dict[str, torch.nn.Module] | None = None,
+        cpu_fallback: bool = False,
     ) -> None:
         self.worker = worker
         self.max_sessions = max_sessions
         self.limits = limits or SessionLimits()
         self.predictor_options = predictor_options or {}
+        self.models: dict[str, torch.nn.Module] = dict(models) if models else {"default": worker.model}
+        self.cpu_fallback = cpu_fallback
+        self._workers: dict[str, InferenceWorker] = {str(worker.device): worker}
+        self._cpu_models: dict[int, torch.nn.Module] = {}  # id(model) -> its CPU copy
         self._sessions: dict[str, TrackingSession] = {}
         self._lock = threading.Lock()
 
-    def open(self, source: Any, *, name: str = "") -> TrackingSession:
-        """Start tracking an opened source (``tracker.ingest.open_source``, live mode)."""
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
+
+    @property
+    def workers(self) -> list[InferenceWorker]:
+        return list(self._workers.values())
+
+    def check_options(self, model: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The tracking options, checked, or an :class:`OptionError` saying what is
+        wrong: a server checks them before it opens a source (a camera connection)."""
+        if model is not None and model not in self.models:
+            raise OptionError(f"no model {model!r} on this server (it has: {', '.join(self.models)})")
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(TRACKING_OPTIONS))
+        if unknown:
+            raise OptionError(
+                f"unknown tracking option {unknown[0]!r} (known: {', '.join(TRACKING_OPTIONS)})", unknown[0]
+            )
+        ranges = {
+            "prompt_window_s": (0.0, 60.0),
+            "max_prompt_frames": (1, 600),
+            "max_cond_frames": (2, 64),
+            "lost_after_frames": (1, 100_000),
+            "max_objects": (1, self.limits.max_objects),
+        }
+        for key, value in options.items():
+            if key in ("corrections_as_cond", "batch_objects"):
+                if not isinstance(value, bool):
+                    raise OptionError(f"tracking option {key} must be true or false, not {value!r}", key)
+                continue
+            lo, hi = ranges[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(lo, int) and not isinstance(value, int)):
+                kind = "an integer" if isinstance(lo, int) else "a number"
+                raise OptionError(f"tracking option {key} must be {kind}, not {value!r}", key)
+            if not lo <= value <= hi:
+                raise OptionError(f"tracking option {key} must be in [{lo}, {hi}], not {value!r}", key)
+        return options
+
+    def open(
+        self,
+        source: Any,
+        *,
+        name: str = "",
+        model: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> TrackingSession:
+        """Start tracking an opened source (``tracker.ingest.open_source``, live mode)
+        with a model of :attr:`models` (default: the first) and tracking options
+        (:data:`TRACKING_OPTIONS`; see :meth:`check_options`). The source is
+        closed when the session cannot open."""
+        try:
+            options = self.check_options(model, options)
+        except OptionError:
+            source.close()
+            raise
+        model_name = model or self.default_model
+        net = self.models[model_name]
+        tracking = dict(options)
+        limits = SessionLimits(
+            max_objects=int(options.pop("max_objects", self.limits.max_objects)),
+            lost_after_frames=int(options.pop("lost_after_frames", self.limits.lost_after_frames)),
+            idle_timeout_s=self.limits.idle_timeout_s,
+        )
+        predictor_options = {**self.predictor_options, **options}
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 source.close()
                 raise SessionError(
                     f"the server already runs {self.max_sessions} sessions (the limit); close one or subscribe to one"
                 )
-            predictor = StreamingPredictor(self.worker.model, **self.predictor_options)
-            session = TrackingSession(source, predictor, self.worker, name=name, limits=self.limits)
+            worker = self._worker_for(net)
+            predictor = StreamingPredictor(net, **predictor_options)
+            session = TrackingSession(
+                source,
+                predictor,
+                worker,
+                name=name,
+                limits=limits,
+                model_name=model_name,
+                predictor_options=predictor_options,
+                tracking=tracking,
+            )
+            if self.cpu_fallback:
+                session.on_out_of_memory = self._move_to_cpu
             self._sessions[session.id] = session
-        logger.info("session %s opened on %s", session.id, session.info()["source"])
+        logger.info("session %s opened on %s (model %s on %s)", session.id, session.info()["source"], model_name, worker.device)
         return session
+
+    def _worker_for(self, model: torch.nn.Module) -> InferenceWorker:
+        """The worker of the model's device (one per device), started on first use."""
+        device = str(next(model.parameters()).device)
+        worker = self._workers.get(device)
+        if worker is None:
+            worker = self._workers[device] = InferenceWorker(model, max_batch=self.worker.max_batch, name=f"inference-{device}")
+        return worker
+
+    def _move_to_cpu(self, session: TrackingSession) -> None:
+        """CPU fallback after CUDA ran out of memory: the session's tracking state
+        (memories, pointers, prompts) moves to a CPU copy of its model; prompts on
+        frames before the move can no longer be placed (their features stay behind)."""
+        old = session.predictor
+        with self._lock:
+            if any(m is old.model for m in self._cpu_models.values()):
+                return  # already moved: dropping the frame is all that is left
+            cpu_model = self._cpu_models.get(id(old.model))
+            if cpu_model is None:
+                cpu_model = copy.deepcopy(old.model).to("cpu").float().eval()
+                self._cpu_models[id(old.model)] = cpu_model
+            worker = self._worker_for(cpu_model)
+        predictor = StreamingPredictor(cpu_model, **session.predictor_options)
+        predictor.load_state_dict(old.state_dict())
+        old.close()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        why = f"out of CUDA memory on {old.device}: session {session.id} now runs on the CPU (slower)"
+        logger.warning("%s", why)
+        session.move_to(predictor, worker, why)
 
     def get(self, session_id: str) -> TrackingSession:
         session = self._sessions.get(session_id)
