@@ -133,9 +133,9 @@ def chromium(browser: Any) -> Iterator[tuple[Any, Watch]]:
 
 
 @contextmanager
-def page_server(model: Any, config: ServerConfig) -> Iterator[ServerThread]:
+def page_server(model: Any, config: ServerConfig, models: dict[str, Any] | None = None) -> Iterator[ServerThread]:
     config.webrtc.ice_host_addresses = ["127.0.0.1"]
-    st = ServerThread(TrackingServer(config, model, routes=page_routes())).start()
+    st = ServerThread(TrackingServer(config, model, models=models, routes=page_routes())).start()
     try:
         yield st
     finally:
@@ -597,3 +597,28 @@ def test_without_the_token_the_page_says_so_and_cannot_open_sessions(model, brow
         assert not any(TOKEN in u for u in watch.urls if u.startswith("http")), "the token went into an HTTP URL"
         refused = "HTTP Authentication failed"  # Chromium's console line for each 401 above
         assert not [e for e in watch.errors if refused not in e], watch.errors
+
+
+def test_the_operator_picks_a_model_for_a_new_session(model, second_model, browser, tmp_path):
+    clip = write_clip(tmp_path / "clip.mp4", n=10, h=120, w=160, repeat=1)
+    config = make_config(sources={"clip": str(clip)})
+    with page_server(model, config) as st, chromium(browser) as (page, watch):
+        page.goto(http_base(st))
+        wait_for(page, "() => window.sam2stream.hello !== null", "the hello")
+        assert page.locator("#model").is_hidden()  # one model: nothing to choose
+    with page_server(model, config, models={"second": second_model}) as st, chromium(browser) as (page, watch):
+        page.goto(http_base(st))
+        wait_for(page, "() => window.sam2stream.hello !== null", "the hello")
+        assert page.locator("#model").is_visible()
+        labels = page.locator("#model option").all_inner_texts()
+        assert labels == ["default model", "sam2.1-tiny (256 px, cpu)", "second (256 px, cpu)"]
+        page.select_option("#model", "second")
+        page.click("#open")
+        wait_for(page, "() => window.sam2stream.frames.length > 0", "frames of the new session")
+        opened = [m for m in watch.sent if m.get("type") == "open"]
+        assert opened and opened[-1]["model"] == "second"
+        (session,) = st.server.manager.list()
+        assert session.model_name == "second" and session.predictor.model is second_model
+        page.click("#refresh")
+        wait_for(page, "() => document.getElementById('sessions').textContent.includes('clip · second')", "the model in the list")
+        screenshot(page, "browser_model_picker")

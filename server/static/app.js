@@ -114,6 +114,13 @@ function connect() {
       state.hello = hello;
       setConnStatus(`connected: ${hello.model.name} on ${hello.model.device}`, "connected");
       $("source").replaceChildren(...hello.sources.map((name) => new Option(name, name)));
+      // a model picker only where the server offers a choice; "" = the source's or server's default
+      const models = hello.models || [];
+      $("model").replaceChildren(
+        new Option("default model", ""),
+        ...models.map((m) => new Option(`${m.name} (${m.image_size} px, ${m.device})`, m.name)),
+      );
+      $("model").hidden = models.length < 2;
       updateControls();
       refreshSessions();
     },
@@ -159,7 +166,8 @@ async function refreshSessions() {
     li.classList.toggle("current", state.session !== null && state.session.session_id === s.session_id);
     const label = document.createElement("span");
     label.className = "grow";
-    label.textContent = `${s.name} · ${s.state} · ${s.frames_processed} frames · ${s.objects.length} objects`;
+    const model = s.model ? ` · ${s.model}` : "";
+    label.textContent = `${s.name}${model} · ${s.state} · ${s.frames_processed} frames · ${s.objects.length} objects`;
     label.title = s.source;
     const watch = document.createElement("button");
     watch.type = "button";
@@ -181,7 +189,9 @@ async function refreshSessions() {
 async function openSource() {
   const source = $("source").value;
   if (!source) throw new Error("choose a source first");
-  const reply = await request("open", { source, mask_format: "rle" });
+  const fields = { source, mask_format: "rle" };
+  if ($("model").value) fields.model = $("model").value;
+  const reply = await request("open", fields);
   await watch(reply.session);
 }
 
@@ -379,7 +389,8 @@ function onEvent(ev) {
       renderObjects();
     }
   } else if (["closed", "source_ended", "source_failed", "source_dropped", "error"].includes(ev.kind)) {
-    showMessage(`Session ${state.session.name}: ${ev.message}`, ev.kind === "error" || ev.kind === "source_failed" ? "error" : "info");
+    const bad = ev.kind === "error" || ev.kind === "source_failed" || ev.kind === "moved";
+    showMessage(`Session ${state.session.name}: ${ev.message}`, bad ? "error" : "info");
     if (ev.kind === "closed") {
       leaveSession({ keepPublishing: !(state.publish && state.publish.sessionId === ev.session_id) });
       updateControls();
