@@ -76,6 +76,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sam2-stream.server")
 
+#: the error code of an engine exception in a reply, most specific first (docs/protocol.md)
+_ERROR_CODES: tuple[tuple[type[TrackerError], str], ...] = (
+    (SourceNotAllowedError, "not_allowed"),
+    (SourceError, "source_error"),
+    (FrameNotAvailableError, "frame_not_available"),
+    (PromptError, "prompt_error"),
+    (SessionError, "session_error"),
+    (TrackerError, "error"),
+)
+
 
 def _last(values: deque) -> float | None:
     try:
@@ -326,18 +336,9 @@ class ClientConnection:
             reply = await self._handlers[type(request)](request)
         except ProtocolError as exc:
             code, text, field = exc.code, exc.message, exc.field
-        except SourceNotAllowedError as exc:
-            code, text = "not_allowed", str(exc)
-        except SourceError as exc:
-            code, text = "source_error", str(exc)
-        except FrameNotAvailableError as exc:
-            code, text = "frame_not_available", str(exc)
-        except PromptError as exc:
-            code, text = "prompt_error", str(exc)
-        except SessionError as exc:
-            code, text = "session_error", str(exc)
         except TrackerError as exc:
-            code, text = "error", str(exc)
+            code = next(c for kind_of, c in _ERROR_CODES if isinstance(exc, kind_of))
+            text = str(exc)
         except TimeoutError:
             code, text = "timeout", f"the {kind} request did not finish in {self.server.config.limits.prompt_timeout_s:g} s"
         except Exception:

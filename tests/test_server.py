@@ -841,10 +841,10 @@ def test_open_chooses_the_model_and_tracking_options_of_its_session(model, secon
 
         # the Python client
         with SyncClient(st.url) as client:
-            remote = client.open("cam2", model="b", tracking={"batch_objects": True, "max_cond_frames": 4})
-            assert (remote.info.model, remote.info.tracking) == ("b", {"max_cond_frames": 4, "batch_objects": True})
+            remote = client.open("cam2", model="b", tracking={"batch_objects": False, "max_cond_frames": 4})
+            assert (remote.info.model, remote.info.tracking) == ("b", {"max_cond_frames": 4, "batch_objects": False})
             predictor = st.server.manager.get(remote.id).predictor
-            assert predictor.batch_objects is True and predictor.max_cond_frames == 4
+            assert predictor.batch_objects is False and predictor.max_cond_frames == 4
             with pytest.raises(ValueError) as exc:
                 client.open("cam2", tracking={"max_cond_frames": "many"})
             assert str(exc.value) == "tracking: Expected `int | null`, got `str` - at `$.max_cond_frames`"

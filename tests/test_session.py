@@ -42,6 +42,17 @@ def next_result(q: queue.Queue, timeout: float = 30.0) -> FrameResult:
     raise AssertionError("no frame result in time")
 
 
+def prompt_one_object_then_hit_the_limit(session, src: PushSource) -> None:
+    """The session's first object is taken; a second is refused (max_objects = 1)."""
+    q = collect(session)
+    src.push(FRAMES[0])
+    next_result(q)
+    session.add_prompt(1, points_xy=[[20, 20]], labels=[1]).result(30)
+    with pytest.raises(SessionError) as err:
+        session.add_prompt(2, points_xy=[[40, 40]], labels=[1])
+    assert str(err.value) == f"session {session.id} already tracks 1 objects (the limit); remove one first"
+
+
 def test_session_results_equal_the_predictor(model, worker):
     manager = SessionManager(worker)
     src = PushSource("cam")
@@ -128,13 +139,7 @@ def test_limits_and_idle_close(model, worker):
     with pytest.raises(SessionError) as err:
         manager.open(PushSource("second"))
     assert str(err.value) == "the server already runs 1 sessions (the limit); close one or subscribe to one"
-    q = collect(session)
-    src.push(FRAMES[0])
-    next_result(q)
-    session.add_prompt(1, points_xy=[[20, 20]], labels=[1]).result(30)
-    with pytest.raises(SessionError) as err:
-        session.add_prompt(2, points_xy=[[40, 40]], labels=[1])
-    assert str(err.value) == f"session {session.id} already tracks 1 objects (the limit); remove one first"
+    prompt_one_object_then_hit_the_limit(session, src)
     # a bad prompt comes back through the future, the session goes on
     with pytest.raises(Exception) as err:
         session.add_prompt(1, points_xy=[[999, 20]], labels=[1]).result(30)
@@ -202,13 +207,7 @@ def test_per_session_tracking_options_and_their_errors(model, worker):
     assert session.limits.max_objects == 1 and session.limits.lost_after_frames == 2
     assert session.predictor.max_cond_frames == 3 and session.predictor.prompt_window_s == 0.5
     assert session.info()["model"] == "default"
-    q = collect(session)
-    src.push(FRAMES[0])
-    next_result(q)
-    session.add_prompt(1, points_xy=[[20, 20]], labels=[1]).result(30)
-    with pytest.raises(SessionError) as err:
-        session.add_prompt(2, points_xy=[[40, 40]], labels=[1])
-    assert str(err.value) == f"session {session.id} already tracks 1 objects (the limit); remove one first"
+    prompt_one_object_then_hit_the_limit(session, src)
     # the manager's defaults are untouched by one session's choices
     other = manager.open(PushSource("defaults"))
     assert other.limits.max_objects == 4 and other.predictor.max_cond_frames == 8

@@ -219,7 +219,7 @@ def annotate(
     checkpoint_every: int = 50,
     skip_frames: set[int] | None = None,
     stats: AnnotateStats | None = None,
-    batch_objects: bool | None = None,
+    batch_objects: bool = True,
 ) -> Iterator[FrameResult]:
     """Propagate ``prompts`` through ``video``; yield one FrameResult per frame.
 
