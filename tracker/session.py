@@ -29,7 +29,7 @@ No network code here: ``server`` builds on this.
 
 from __future__ import annotations
 
-import copy
+import io
 import itertools
 import logging
 import queue
@@ -565,6 +565,16 @@ class InferenceWorker:
             torch.cuda.empty_cache()
 
 
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of a model on the CPU that never asks the GPU for memory
+    (``copy.deepcopy`` would clone every weight on the GPU first, just after it
+    ran out): the weights stream through host memory."""
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=False).float().eval()
+
+
 #: per-session tracking options a client may choose (``SessionManager.open``)
 TRACKING_OPTIONS: tuple[str, ...] = (
     "prompt_window_s",
@@ -722,7 +732,7 @@ class SessionManager:
                 return  # already moved: dropping the frame is all that is left
             cpu_model = self._cpu_models.get(id(old.model))
             if cpu_model is None:
-                cpu_model = copy.deepcopy(old.model).to("cpu").float().eval()
+                cpu_model = _cpu_copy(old.model)
                 self._cpu_models[id(old.model)] = cpu_model
             worker = self._worker_for(cpu_model)
         predictor = StreamingPredictor(cpu_model, **session.predictor_options)
