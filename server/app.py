@@ -122,6 +122,8 @@ class TrackingServer:
         self.config = config
         self.model = model
         self.model_name = model_name or config.model.name
+        if models and self.model_name in models:
+            raise ValueError(f"models: {self.model_name!r} is the default model's name; give the other one another name")
         self.models: dict[str, torch.nn.Module] = {self.model_name: model, **(models or {})}
         self.routes: dict[str, RouteHandler] = dict(routes or {})
         self.catalog = SourceCatalog(config)
@@ -373,7 +375,8 @@ class TrackingServer:
                 "or close it first",
                 field="model",
             )
-        differ = sorted(k for k, v in tracking.items() if session.tracking.get(k) != v)
+        current = session.tracking_values()
+        differ = sorted(k for k, v in tracking.items() if current.get(k) != v)
         if differ:
             raise ProtocolError(
                 "invalid_option",
@@ -554,8 +557,8 @@ class TrackingServer:
             uptime_s=time.time() - self.started_s,
             sessions=len(self.manager.list()),
             clients=len(self.clients),
-            worker_steps=self.worker.steps,
-            worker_batched_frames=self.worker.batched_frames,
+            worker_steps=sum(w.steps for w in self.manager.workers),
+            worker_batched_frames=sum(w.batched_frames for w in self.manager.workers),
         )
 
     def snapshot(self) -> Snapshot:
@@ -579,7 +582,8 @@ class TrackingServer:
                 )
             )
         clients = [ClientSample(c.id, c.frames_sent, c.frames_dropped) for c in list(self.clients)]
-        return Snapshot(sessions, clients, self.worker.steps, self.worker.batched_frames)
+        workers = self.manager.workers
+        return Snapshot(sessions, clients, sum(w.steps for w in workers), sum(w.batched_frames for w in workers))
 
     # ---------------------------------------------------------------- HTTP and connections
 

@@ -394,7 +394,8 @@ class FrameMsg(msgspec.Struct, tag="frame", tag_field="type", kw_only=True):
 class EventMsg(msgspec.Struct, tag="event", tag_field="type", kw_only=True):
     """Something that happened to a session or one of its objects (see
     ``tracker.session.SessionEvent``): ``lost`` / ``found``, ``error``,
-    ``source_*``, ``paused`` / ``resumed``, ``closed``."""
+    ``moved`` (to the CPU after CUDA ran out of memory), ``source_*``,
+    ``paused`` / ``resumed``, ``closed``."""
 
     session_id: str
     kind: str

@@ -811,6 +811,8 @@ def test_open_chooses_the_model_and_tracking_options_of_its_session(model, secon
         d = Raw(st.url)
         assert d.request("open", source="cam")["created"] is False
         assert d.request("open", source="cam", model="b", tracking={"max_objects": 1})["created"] is False
+        # a value equal to the session's default is no conflict
+        assert d.request("open", source="cam", tracking={"batch_objects": True, "max_cond_frames": 8})["created"] is False
         err = d.error("open", source="cam", model="sam2.1-tiny")
         assert (err["code"], err["field"]) == ("invalid_option", "model")
         assert err["message"] == "'cam' already runs with model 'b'; join it without a model, or close it first"

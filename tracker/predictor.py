@@ -95,14 +95,22 @@ class PredictorStats:
     catch_up_frames: int = 0
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor inside (dicts, lists, tuples) on ``device``."""
+def _to_device(value: Any, device: torch.device, key: str = "") -> Any:
+    """``value`` with every tensor inside (dicts, lists, tuples) on ``device``.
+
+    On the CPU, float tensors become float32 except ``maskmem_features``, which
+    stay bfloat16 as this predictor (and Meta's) stores them: state computed
+    under CUDA autocast holds bfloat16 pointers and masks that a float32 model
+    on the CPU cannot multiply with.
+    """
     if isinstance(value, torch.Tensor):
+        if device.type == "cpu" and value.is_floating_point() and key != "maskmem_features":
+            return value.to(device=device, dtype=torch.float32)
         return value if value.device == device else value.to(device)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(_to_device(v, device, key) for v in value)
     return value
 
 
@@ -436,7 +444,7 @@ class StreamingPredictor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take over a :meth:`state_dict`, from this predictor or another one on
-        another device (tensors move to this one's device, dtypes kept)."""
+        another device (tensors move to this one's device; see ``_to_device``)."""
         state = _to_device(state, self.device)
         with self._lock:
             self._objects = {int(k): _ObjectState(obj_id=int(k), **v) for k, v in state["objects"].items()}

@@ -150,7 +150,6 @@ class TrackingSession:
         self._sub_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._mailbox: Any = None  # newest unprocessed frame (one slot)
-        self._encoded_idx: int | None = None  # set by the worker between encode and propagate
         self._pending_ids: set[int] = set()  # object ids prompted, not yet applied by the worker
         self._last_event_seq = -1  # newest source event already forwarded
         self._not_visible: dict[int, int] = {}  # obj_id -> consecutive frames with score <= 0
@@ -268,12 +267,13 @@ class TrackingSession:
         return self.worker.submit(run)
 
     def close(self, reason: str = "closed") -> None:
-        with self._lock:
+        with self._lock:  # worker and predictor as they are now: a move to the CPU cannot slip in
             if self.state == "closed":
                 return
             self.state = "closed"
+            worker, predictor = self.worker, self.predictor
         self._stop.set()
-        self.worker.detach(self)
+        worker.detach(self)
         try:
             self.source.close()
         except Exception:
@@ -283,7 +283,20 @@ class TrackingSession:
             self._subscribers.clear()
             self._frame_subscribers.clear()
         # free model state on the worker thread, after any step in flight
-        self.worker.submit(self.predictor.close)
+        worker.submit(predictor.close)
+
+    def tracking_values(self) -> dict[str, Any]:
+        """Every tracking option's value in this session (chosen or default)."""
+        p, limits = self.predictor, self.limits
+        return {
+            "prompt_window_s": p.prompt_window_s,
+            "max_prompt_frames": p.max_prompt_frames,
+            "max_cond_frames": p.max_cond_frames,
+            "corrections_as_cond": p.corrections_as_cond,
+            "batch_objects": p.batch_objects,
+            "lost_after_frames": limits.lost_after_frames,
+            "max_objects": limits.max_objects,
+        }
 
     def _check_open(self) -> None:
         if self.state == "closed":
@@ -396,17 +409,25 @@ class TrackingSession:
             except Exception:
                 logger.exception("session %s: moving off the GPU failed; it stays where it is", self.id)
 
-    def move_to(self, predictor: StreamingPredictor, worker: "InferenceWorker", why: str) -> None:
+    def move_to(self, predictor: StreamingPredictor, worker: "InferenceWorker", why: str) -> bool:
         """Carry on with another predictor (holding this one's tracking state) on
-        another worker. Call on the current worker's thread, between steps."""
-        old = self.worker
-        old.detach(self)
-        self.predictor, self.worker = predictor, worker
-        worker.attach(self)
+        another worker. Call on the current worker's thread, between steps.
+        False (and ``predictor`` closed) when the session closed meanwhile."""
+        with self._lock:
+            moved = self.state != "closed"
+            if moved:
+                old = self.worker
+                old.detach(self)
+                self.predictor, self.worker = predictor, worker
+                worker.attach(self)
+        if not moved:
+            predictor.close()
+            return False
         self._event("moved", why)
         worker.wake()
         if old is not worker:
             old.wake()
+        return True
 
 
 class InferenceWorker:
@@ -503,53 +524,57 @@ class InferenceWorker:
             return False
         self.steps += 1
         self.batched_frames += len(items)
-        self._encode_batch(items)
-        for session, frame, _ in items:
-            if session._encoded_idx is None:
+        for session, frame, frame_idx in self._encode_batch(items):
+            if session.worker is not self:  # moved to the CPU while another frame failed
                 continue
             t0 = time.perf_counter()
             try:
-                result = session.predictor.propagate(session._encoded_idx)
+                result = session.predictor.propagate(frame_idx)
             except Exception as e:
-                session.fail_step(e)
                 self._maybe_free_cuda(e)
+                session.fail_step(e)
                 continue
-            finally:
-                session._encoded_idx = None
             session.stats.times.track.append(time.perf_counter() - t0)
             session.finish_step(result, frame)
         return True
 
-    def _encode_batch(self, items: list[tuple[TrackingSession, Any, float]]) -> None:
-        """Newest frames of several sessions through the image encoder as one batch."""
+    def _encode_batch(self, items: list[tuple[TrackingSession, Any, float]]) -> list[tuple[TrackingSession, Any, int]]:
+        """Newest frames of several sessions through the image encoder as one batch;
+        returns (session, frame, frame index in its predictor) for each one encoded."""
         t0 = time.perf_counter()
-        good = []
+        inputs = []
         for session, frame, queued_s in items:
-            session._encoded_idx = None
             session.stats.times.queue_wait.append(t0 - queued_s)
             try:
-                good.append((session, frame, session.predictor.to_model_input(frame.image_rgb)))
+                inputs.append((session, frame, session.predictor.to_model_input(frame.image_rgb)))
             except Exception as e:
                 session.fail_step(e)
-        if not good:
-            return
-        model = good[0][0].predictor.model
+        return self._encode(inputs, t0) if inputs else []
+
+    def _encode(self, inputs: list[tuple[TrackingSession, Any, torch.Tensor]], t0: float) -> list[tuple[TrackingSession, Any, int]]:
+        model = inputs[0][0].predictor.model
         try:
             with torch.inference_mode(), autocast_context(self.device):
-                backbone = model.forward_image(torch.cat([g[2] for g in good], dim=0))
+                backbone = model.forward_image(torch.cat([x[2] for x in inputs], dim=0))
         except Exception as e:
-            for session, _, _ in good:
-                session.fail_step(e)
             self._maybe_free_cuda(e)
-            return
+            if isinstance(e, torch.cuda.OutOfMemoryError) and len(inputs) > 1:
+                # too big together: one at a time, so only a frame that fails alone costs its session
+                logger.warning("image encoder out of memory for %d frames at once; encoding them one by one", len(inputs))
+                return [r for x in inputs for r in self._encode([x], time.perf_counter())]
+            for session, _, _ in inputs:
+                session.fail_step(e)
+            return []
         dt = time.perf_counter() - t0
-        for i, (session, frame, _) in enumerate(good):
+        encoded = []
+        for i, (session, frame, _) in enumerate(inputs):
             one = {
                 "backbone_fpn": [f[i : i + 1] for f in backbone["backbone_fpn"]],
                 "vision_pos_enc": [p[i : i + 1] for p in backbone["vision_pos_enc"]],
             }
+            session.stats.times.encode.append(dt / len(inputs))
             try:
-                session._encoded_idx = session.predictor.encode_features(
+                frame_idx = session.predictor.encode_features(
                     one,
                     source_size=frame.source_size,
                     pts_s=frame.pts_s,
@@ -558,7 +583,9 @@ class InferenceWorker:
                 )
             except Exception as e:
                 session.fail_step(e)
-            session.stats.times.encode.append(dt / len(good))
+                continue
+            encoded.append((session, frame, frame_idx))
+        return encoded
 
     def _maybe_free_cuda(self, exc: BaseException) -> None:
         if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
@@ -622,6 +649,7 @@ class SessionManager:
         self.cpu_fallback = cpu_fallback
         self._workers: dict[str, InferenceWorker] = {str(worker.device): worker}
         self._cpu_models: dict[int, torch.nn.Module] = {}  # id(model) -> its CPU copy
+        self._copy_lock = threading.Lock()  # one copy at a time, never under _lock (open() takes it)
         self._sessions: dict[str, TrackingSession] = {}
         self._lock = threading.Lock()
 
@@ -727,22 +755,22 @@ class SessionManager:
         (memories, pointers, prompts) moves to a CPU copy of its model; prompts on
         frames before the move can no longer be placed (their features stay behind)."""
         old = session.predictor
-        with self._lock:
+        with self._copy_lock:
             if any(m is old.model for m in self._cpu_models.values()):
                 return  # already moved: dropping the frame is all that is left
             cpu_model = self._cpu_models.get(id(old.model))
             if cpu_model is None:
-                cpu_model = _cpu_copy(old.model)
-                self._cpu_models[id(old.model)] = cpu_model
+                cpu_model = self._cpu_models[id(old.model)] = _cpu_copy(old.model)
+        with self._lock:
             worker = self._worker_for(cpu_model)
         predictor = StreamingPredictor(cpu_model, **session.predictor_options)
         predictor.load_state_dict(old.state_dict())
-        old.close()
+        why = f"out of CUDA memory on {old.device}: session {session.id} now runs on the CPU (slower)"
+        if session.move_to(predictor, worker, why):
+            logger.warning("%s", why)
+            old.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        why = f"out of CUDA memory on {old.device}: session {session.id} now runs on the CPU (slower)"
-        logger.warning("%s", why)
-        session.move_to(predictor, worker, why)
 
     def get(self, session_id: str) -> TrackingSession:
         session = self._sessions.get(session_id)

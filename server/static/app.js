@@ -388,7 +388,7 @@ function onEvent(ev) {
       obj.lost = ev.kind === "lost";
       renderObjects();
     }
-  } else if (["closed", "source_ended", "source_failed", "source_dropped", "error"].includes(ev.kind)) {
+  } else if (["closed", "source_ended", "source_failed", "source_dropped", "error", "moved"].includes(ev.kind)) {
     const bad = ev.kind === "error" || ev.kind === "source_failed" || ev.kind === "moved";
     showMessage(`Session ${state.session.name}: ${ev.message}`, bad ? "error" : "info");
     if (ev.kind === "closed") {
