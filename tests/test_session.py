@@ -42,6 +42,19 @@ def next_result(q: queue.Queue, timeout: float = 30.0) -> FrameResult:
     raise AssertionError("no frame result in time")
 
 
+def push_while_the_worker_waits(worker: InferenceWorker, sources, sessions) -> None:
+    """Frame 0 into every source while the worker is held, so that the next
+    step finds all of them ready at once."""
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(30))
+    for src in sources:
+        src.push(FRAMES[0])
+    deadline = time.time() + 10
+    while not all(s.has_frame() for s in sessions) and time.time() < deadline:
+        time.sleep(0.01)
+    gate.set()
+
+
 def prompt_one_object_then_hit_the_limit(session, src: PushSource) -> None:
     """The session's first object is taken; a second is refused (max_objects = 1)."""
     q = collect(session)
@@ -159,14 +172,7 @@ def test_newest_frames_of_several_sessions_share_one_encoder_call(model):
         sources = [PushSource(f"cam{i}") for i in range(3)]
         sessions = [manager.open(s) for s in sources]
         queues = [collect(s) for s in sessions]
-        gate = threading.Event()
-        worker.submit(lambda: gate.wait(30))  # hold the worker while all frames arrive
-        for s in sources:
-            s.push(FRAMES[0])
-        deadline = time.time() + 10
-        while not all(s.has_frame() for s in sessions) and time.time() < deadline:
-            time.sleep(0.01)
-        gate.set()
+        push_while_the_worker_waits(worker, sources, sessions)
         for q in queues:
             next_result(q)
         assert worker.steps == 1 and worker.batched_frames == 3
@@ -248,14 +254,7 @@ def test_sessions_choose_their_model_and_batch_only_with_their_own(model, second
         }
         assert sessions["b"].predictor.model is second_model and sessions["b"].worker is worker  # one worker per device
         queues = {name: collect(s) for name, s in sessions.items()}
-        gate = threading.Event()
-        worker.submit(lambda: gate.wait(30))
-        for src in sources.values():
-            src.push(FRAMES[0])
-        deadline = time.time() + 10
-        while not all(s.has_frame() for s in sessions.values()) and time.time() < deadline:
-            time.sleep(0.01)
-        gate.set()
+        push_while_the_worker_waits(worker, sources.values(), sessions.values())
         first = {name: next_result(q) for name, q in queues.items()}
         # the two sessions on model a share an encoder call; b gets its own
         assert worker.steps == 2 and worker.batched_frames == 3
@@ -406,14 +405,7 @@ def test_a_batch_too_big_for_memory_is_encoded_one_frame_at_a_time(model, monkey
             return forward_image(img)
 
         monkeypatch.setattr(model, "forward_image", only_one_fits)
-        gate = threading.Event()
-        worker.submit(lambda: gate.wait(30))
-        for src in sources:
-            src.push(FRAMES[0])
-        deadline = time.time() + 10
-        while not all(s.has_frame() for s in sessions) and time.time() < deadline:
-            time.sleep(0.01)
-        gate.set()
+        push_while_the_worker_waits(worker, sources, sessions)
         for q in queues:
             assert next_result(q).frame_idx == 0
         assert sizes == [2, 1, 1] and worker.steps == 1
