@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from tracker.results import FrameResult
-from tracker.session import SessionEvent, TrackingSession
+from tracker.session import SessionEvent, TrackingSession, notify_all
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,7 @@ class FrameTap:
     def _fan_out(self, item: TappedFrame | SessionEvent) -> None:
         with self._lock:
             subs = list(self._subscribers.values())
-        for callback in subs:
-            try:
-                callback(item)
-            except Exception:  # one broken viewer must not starve the others
-                logger.exception("frame tap of session %s: subscriber failed", self.session.id)
+        notify_all(subs, item, what=f"frame tap of session {self.session.id}")
 
 
 _taps_lock = threading.Lock()

@@ -39,7 +39,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -86,6 +86,17 @@ class SessionEvent:
 Subscriber = Callable[["FrameResult | SessionEvent"], None]
 #: (the Frame the model took, its result): for video egress, which needs the image
 FrameSubscriber = Callable[[Any, FrameResult], None]
+
+
+def notify_all(callbacks: Iterable[Callable[..., None]], *args: Any, what: str) -> None:
+    """Call each callback with ``args``; one that raises is logged (``what`` names
+    whose subscriber it was) and skipped, so a broken subscriber never stops a
+    session or starves the other subscribers."""
+    for callback in callbacks:
+        try:
+            callback(*args)
+        except Exception:
+            logger.exception("%s: subscriber failed", what)
 
 
 @dataclass
@@ -164,22 +175,19 @@ class TrackingSession:
     # ------------------------------------------------------------ subscribers
 
     def subscribe(self, callback: Subscriber) -> int:
-        with self._lock:
-            if self.state == "closed":
-                raise SessionError(f"session {self.id} is closed")
-            sub_id = next(self._sub_ids)
-            self._subscribers[sub_id] = callback
-            self.last_subscriber_s = time.time()
-            return sub_id
+        return self._add_subscriber(self._subscribers, callback)
 
     def subscribe_frames(self, callback: FrameSubscriber) -> int:
         """Like :meth:`subscribe` for results only, with the frame each was computed
         on: ``callback(frame, result)`` on the worker thread (video egress)."""
+        return self._add_subscriber(self._frame_subscribers, callback)
+
+    def _add_subscriber(self, table: dict[int, Any], callback: Any) -> int:
         with self._lock:
             if self.state == "closed":
                 raise SessionError(f"session {self.id} is closed")
             sub_id = next(self._sub_ids)
-            self._frame_subscribers[sub_id] = callback
+            table[sub_id] = callback
             self.last_subscriber_s = time.time()
             return sub_id
 
@@ -196,11 +204,7 @@ class TrackingSession:
     def _publish(self, item: "FrameResult | SessionEvent") -> None:
         with self._lock:
             subs = list(self._subscribers.values())
-        for callback in subs:
-            try:
-                callback(item)
-            except Exception:  # a broken subscriber must not stop the session
-                logger.exception("session %s: subscriber failed", self.id)
+        notify_all(subs, item, what=f"session {self.id}")
 
     def _event(self, kind: str, message: str = "", **kw: Any) -> None:
         self._publish(SessionEvent(kind=kind, session_id=self.id, message=message, **kw))
@@ -392,11 +396,7 @@ class TrackingSession:
         if frame is not None:
             with self._lock:
                 frame_subs = list(self._frame_subscribers.values())
-            for callback in frame_subs:
-                try:
-                    callback(frame, result)
-                except Exception:  # a broken subscriber must not stop the session
-                    logger.exception("session %s: frame subscriber failed", self.id)
+            notify_all(frame_subs, frame, result, what=f"session {self.id} (frames)")
         self._publish(result)
 
     def fail_step(self, exc: BaseException) -> None:
