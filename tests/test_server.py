@@ -38,6 +38,7 @@ from websockets.sync.client import connect
 from server.app import ServerThread, TrackingServer
 from server.config import ServerConfig
 from server.protocol import decode_server_message
+from tests.faults import fail_on_call
 from tests.frames import moving_shapes, shape_centres
 from tracker.ingest import PushSource
 from tracker.predictor import StreamingPredictor
@@ -441,16 +442,7 @@ def test_a_failing_step_is_an_error_event_and_other_sessions_carry_on(model):
         sa = ca.request("open", source="a")["session"]["session_id"]
         sb = cb.request("open", source="b")["session"]["session_id"]
         session_a = st.server.manager.get(sa)
-        original = session_a.predictor.propagate
-        calls = {"n": 0}
-
-        def flaky(*args, **kw):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise RuntimeError("CUDA out of memory (injected)")
-            return original(*args, **kw)
-
-        session_a.predictor.propagate = flaky
+        fail_on_call(session_a.predictor, "propagate", 2, RuntimeError("CUDA out of memory (injected)"))
         got_a, got_b = [], []
         for f in range(4):
             source_of(st, sa).push(FRAMES[f], pts_s=f / 30)
@@ -598,65 +590,20 @@ def test_engine_prompt_then_a_frame_more_than_the_window_later(model):
     assert 1 in result.objects
 
 
-def test_engine_two_new_objects_prompted_at_once_get_two_ids(model):
-    from tracker.session import InferenceWorker, SessionManager
-
-    worker = InferenceWorker(model)
-    try:
-        manager = SessionManager(worker)
-        src = PushSource("gap")
-        session = manager.open(src)
-        got = threading.Event()
-        session.subscribe(lambda item: got.set() if isinstance(item, FrameResult) else None)
-        src.push(FRAMES[0], pts_s=0.0)
-        assert got.wait(60)
-        gate = threading.Event()
-        worker.submit(lambda: gate.wait(30))  # the worker is busy with something else
-        first = session.add_prompt(None, points_xy=[[30, 30]], labels=[1])
-        second = session.add_prompt(None, points_xy=[[110, 80]], labels=[1])
-        gate.set()
-        assert (first.result(60).obj_id, second.result(60).obj_id) == (1, 2)
-    finally:
-        manager.close_all()
-        worker.stop()
-
-
-def test_engine_source_events_after_the_256th_are_still_forwarded(model):
-    from tracker.ingest import EventKind
-    from tracker.session import InferenceWorker, SessionEvent, SessionManager
-
-    worker = InferenceWorker(model)
-    try:
-        manager = SessionManager(worker)
-        src = PushSource("flaky")
-        session = manager.open(src)
-        seen: list[str] = []
-        session.subscribe(lambda item: seen.append(item.message) if isinstance(item, SessionEvent) else None)
-        for k in range(300):  # a camera that dropped and came back many times over days
-            src.events.emit(EventKind.RECONNECTED, f"reconnect {k}", 0)
-        src.push(FRAMES[0], pts_s=0.0)
-        deadline = time.time() + 30
-        while "reconnect 299" not in seen and time.time() < deadline:  # forwarded with the first frame
-            time.sleep(0.05)
-        src.events.emit(EventKind.RECONNECTED, "reconnect 300", 1)
-        src.push(FRAMES[1], pts_s=0.1)
-        deadline = time.time() + 8  # one frame's processing, with room to spare
-        while "reconnect 300" not in seen and time.time() < deadline:
-            time.sleep(0.05)
-        assert "reconnect 300" in seen
-    finally:
-        manager.close_all()
-        worker.stop()
+def two_clients_on_cam(st: ServerThread) -> tuple[Raw, Raw, str]:
+    """Two clients subscribed to ``cam``, both past its first frame."""
+    a, b = Raw(st.url), Raw(st.url)
+    sid = a.request("open", source="cam")["session"]["session_id"]
+    b.request("open", source="cam")
+    source_of(st, sid).push(FRAMES[0], pts_s=0.0)
+    a.next_frame(), b.next_frame()
+    return a, b, sid
 
 
 def test_two_clients_adding_new_objects_at_once_get_two_ids(model):
     """Two clients creating objects at the same moment get two ids."""
     with running(model) as st:
-        a, b = Raw(st.url), Raw(st.url)
-        sid = a.request("open", source="cam")["session"]["session_id"]
-        b.request("open", source="cam")
-        source_of(st, sid).push(FRAMES[0], pts_s=0.0)
-        a.next_frame(), b.next_frame()
+        a, b, sid = two_clients_on_cam(st)
         gate = threading.Event()
         st.server.worker.submit(lambda: gate.wait(30))  # both prompts wait for the busy worker
         ida = a.send("add_points", session_id=sid, points_xy=[[30, 30]], labels=[1])
@@ -671,11 +618,7 @@ def test_two_clients_adding_new_objects_at_once_get_two_ids(model):
 
 def test_the_object_limit_counts_prompts_in_flight(model):
     with running(model, make_config(limits={"max_objects": 1})) as st:
-        a, b = Raw(st.url), Raw(st.url)
-        sid = a.request("open", source="cam")["session"]["session_id"]
-        b.request("open", source="cam")
-        source_of(st, sid).push(FRAMES[0], pts_s=0.0)
-        a.next_frame(), b.next_frame()
+        a, b, sid = two_clients_on_cam(st)
         gate = threading.Event()
         st.server.worker.submit(lambda: gate.wait(30))
         ida = a.send("add_points", session_id=sid, points_xy=[[30, 30]], labels=[1])

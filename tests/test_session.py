@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.faults import fail_on_call
 from tests.frames import moving_shapes, shape_centres
 from tracker.ingest import PushSource
 from tracker.predictor import StreamingPredictor
@@ -97,16 +98,7 @@ def test_a_failing_step_is_contained_to_its_session(model, worker):
     a_src, b_src = PushSource("a"), PushSource("b")
     a, b = manager.open(a_src), manager.open(b_src)
     qa, qb = collect(a), collect(b)
-    original = a.predictor.propagate
-    calls = {"n": 0}
-
-    def flaky(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("CUDA out of memory (injected)")
-        return original(*args, **kw)
-
-    a.predictor.propagate = flaky
+    fail_on_call(a.predictor, "propagate", 2, RuntimeError("CUDA out of memory (injected)"))
     a_events = []
     for f in range(4):
         a_src.push(FRAMES[f])
@@ -299,16 +291,8 @@ def test_out_of_cuda_memory_moves_the_session_to_a_cpu_copy_of_its_model(model):
         next_result(qb)
         cx, cy = shape_centres(0, H, W)[0]
         a.add_prompt(1, points_xy=[[cx, cy]], labels=[1], frame_idx=first.frame_idx).result(30)
-        original = a.predictor.propagate
-        calls = {"n": 0}
-
-        def oom_once(*args, **kw):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-            return original(*args, **kw)
-
-        a.predictor.propagate = oom_once
+        oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        fail_on_call(a.predictor, "propagate", 2, oom)
         got = {}
         for f in range(1, 6):
             a_src.push(FRAMES[f])
@@ -414,3 +398,46 @@ def test_a_batch_too_big_for_memory_is_encoded_one_frame_at_a_time(model, monkey
         manager.close_all()
     finally:
         worker.stop()
+
+
+def test_two_new_objects_prompted_at_once_get_two_ids(model, worker):
+    """Engine bug found by the server tests (fixed): ids handed out but not yet applied count."""
+    manager = SessionManager(worker)
+    src = PushSource("gap")
+    session = manager.open(src)
+    got = threading.Event()
+    session.subscribe(lambda item: got.set() if isinstance(item, FrameResult) else None)
+    src.push(FRAMES[0], pts_s=0.0)
+    assert got.wait(60)
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(30))  # the worker is busy with something else
+    first = session.add_prompt(None, points_xy=[[30, 30]], labels=[1])
+    second = session.add_prompt(None, points_xy=[[110, 80]], labels=[1])
+    gate.set()
+    assert (first.result(60).obj_id, second.result(60).obj_id) == (1, 2)
+    manager.close_all()
+
+
+def test_source_events_after_the_256th_are_still_forwarded(model, worker):
+    """Engine bug found by the server tests (fixed): the source's event log keeps only
+    the newest events, so they are forwarded by sequence number, not position."""
+    from tracker.ingest import EventKind
+
+    manager = SessionManager(worker)
+    src = PushSource("flaky")
+    session = manager.open(src)
+    seen: list[str] = []
+    session.subscribe(lambda item: seen.append(item.message) if isinstance(item, SessionEvent) else None)
+    for k in range(300):  # a camera that dropped and came back many times over days
+        src.events.emit(EventKind.RECONNECTED, f"reconnect {k}", 0)
+    src.push(FRAMES[0], pts_s=0.0)
+    deadline = time.time() + 30
+    while "reconnect 299" not in seen and time.time() < deadline:  # forwarded with the first frame
+        time.sleep(0.05)
+    src.events.emit(EventKind.RECONNECTED, "reconnect 300", 1)
+    src.push(FRAMES[1], pts_s=0.1)
+    deadline = time.time() + 8  # one frame's processing, with room to spare
+    while "reconnect 300" not in seen and time.time() < deadline:
+        time.sleep(0.05)
+    assert "reconnect 300" in seen
+    manager.close_all()
