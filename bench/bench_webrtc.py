@@ -151,6 +151,17 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+async def publish_to(publisher: WebRTCPublisher, track: Any, codec: str) -> RTCPeerConnection:
+    """A client peer sending ``track`` to the server-side ``publisher`` (offer/answer done)."""
+    client = RTCPeerConnection(peer_configuration())
+    client.addTrack(track)
+    prefer_codec(client, codec)
+    await client.setLocalDescription(await client.createOffer())
+    answer = await publisher.accept(description_to_dict(client.localDescription))
+    await client.setRemoteDescription(RTCSessionDescription(**answer))
+    return client
+
+
 # ------------------------------------------------------------------ latency
 
 
@@ -194,12 +205,7 @@ async def latency_run(path: str, args: argparse.Namespace, model: Any) -> dict[s
     if path == "webrtc":
         track = LoopTrack(yuv_frames(frames_rgb), args.fps)
         sent_s = track.sent_s
-        client = RTCPeerConnection(peer_configuration())
-        client.addTrack(track)
-        prefer_codec(client, args.codec)
-        await client.setLocalDescription(await client.createOffer())
-        answer = await publisher.accept(description_to_dict(client.localDescription))
-        await client.setRemoteDescription(RTCSessionDescription(**answer))
+        client = await publish_to(publisher, track, args.codec)
     else:
         def pusher() -> None:
             n, start = 0, time.monotonic()
@@ -264,12 +270,7 @@ def bench_latency(args: argparse.Namespace) -> dict[str, Any]:
 async def ingest_run(fps: float, args: argparse.Namespace) -> dict[str, float]:
     publisher = WebRTCPublisher("ingest")
     track = LoopTrack(yuv_frames(shapes_clip(30, *args.size)), fps)
-    client = RTCPeerConnection(peer_configuration())
-    client.addTrack(track)
-    prefer_codec(client, args.codec)
-    await client.setLocalDescription(await client.createOffer())
-    answer = await publisher.accept(description_to_dict(client.localDescription))
-    await client.setRemoteDescription(RTCSessionDescription(**answer))
+    client = await publish_to(publisher, track, args.codec)
     ages: list[float] = []
 
     def drain() -> None:  # a consumer that keeps up, as the session's reader does

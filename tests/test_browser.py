@@ -330,6 +330,22 @@ def drag(page: Any, start: tuple[float, float], end: tuple[float, float]) -> Any
     return gesture
 
 
+def wait_for_object_1_near(page: Any, sxy: tuple[float, float], radius: int) -> None:
+    """Wait until a shown frame has object 1, then until its mask (in its colour,
+    equal to the server's) covers a pixel within ``radius`` of ``sxy``."""
+    wait_for(
+        page, "() => { const s = window.sam2stream; return s.shown && s.shown.objects.some(o => o.obj_id === 1 && o.visible); }",
+        "a frame showing object 1",
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        data = assert_overlay_is_the_servers_mask(page)
+        if near(data, sxy, radius, object_colour(1)) > 0 or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(200)
+    assert near(data, sxy, radius, object_colour(1)) > 0, "no mask near the click"
+
+
 def assert_overlay_is_the_servers_mask(page: Any) -> dict:
     """#masks equals the masks (pycocotools-decoded) of the frame the page shows."""
     data = overlay(page)
@@ -429,18 +445,7 @@ def test_operator_opens_a_clip_clicks_an_object_and_sees_its_mask(model, browser
         assert page.locator("#target").inner_text() == "next click: object 1"
 
         # the mask appears where clicked, in object 1's colour, as the server sent it
-        red = object_colour(1)
-        wait_for(
-            page, "() => { const s = window.sam2stream; return s.shown && s.shown.objects.some(o => o.obj_id === 1 && o.visible); }",
-            "a frame showing object 1",
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            data = assert_overlay_is_the_servers_mask(page)
-            if near(data, (sx, sy), 20, red) > 0 or time.monotonic() > deadline:
-                break
-            page.wait_for_timeout(200)
-        assert near(data, (sx, sy), 20, red) > 0, "no mask near the click"
+        wait_for_object_1_near(page, (sx, sy), 20)
         shot = screenshot(page, "browser_click_to_mask")
         stats = wait_for(page, STATS, "lag and frame rates", 30)
         frame_idx, lag_ms, video_fps, mask_fps = int(stats[0]), int(stats[1]), float(stats[2]), float(stats[3])
@@ -525,17 +530,7 @@ def test_publish_the_fake_camera_over_webrtc_then_click_it(model, browser):
         cx, cy = 320, 240
         sent, reply = prompt_until_answered(page, watch, "add_points", click(page, (cx, cy)))
         assert reply["type"] == "reply" and reply["obj_id"] == 1 and sent["session_id"] == sid, reply
-        wait_for(
-            page, "() => { const s = window.sam2stream; return s.shown && s.shown.objects.some(o => o.obj_id === 1 && o.visible); }",
-            "a frame showing object 1",
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            data = assert_overlay_is_the_servers_mask(page)
-            if near(data, (cx, cy), 40, object_colour(1)) > 0 or time.monotonic() > deadline:
-                break
-            page.wait_for_timeout(200)
-        assert near(data, (cx, cy), 40, object_colour(1)) > 0, "no mask near the click"
+        wait_for_object_1_near(page, (cx, cy), 40)
         screenshot(page, "browser_webrtc_publish")
 
         # a second operator finds the session in the list and watches it: video, masks, object 1
