@@ -313,20 +313,9 @@ class RemoteSession:
             TimeoutError: none came within ``timeout`` s.
             ConnectionLostError: the session was closed or the connection lost.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._frames:
-                return self._frames.popleft()
-            if self.closed:
-                raise ConnectionLostError(f"session {self.id} is closed: {self.close_reason}")
-            self._changed.clear()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"no frame from session {self.id} within {timeout:g} s")
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                pass
+        return await self._next(
+            self._frames, "frame", timeout, lambda: self.closed, lambda: f"session {self.id} is closed: {self.close_reason}"
+        )
 
     async def frames(self) -> AsyncIterator[RemoteFrame]:
         """Frames as they come, until the session closes."""
@@ -337,16 +326,27 @@ class RemoteSession:
                 return
 
     async def next_event(self, timeout: float | None = None) -> EventMsg:
+        # unlike frames, waiting for events ends with the connection, not with the session
+        return await self._next(
+            self._events, "event", timeout,
+            lambda: self.closed and not self.client.connected, lambda: f"session {self.id}: {self.close_reason}",
+        )
+
+    async def _next(
+        self, items: deque, what: str, timeout: float | None, ended: Callable[[], bool], why: Callable[[], str]
+    ) -> Any:
+        """The oldest of ``items``, waiting for one up to ``timeout`` s; ConnectionLostError
+        (``why()``) once ``ended()`` and none is left."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._events:
-                return self._events.popleft()
-            if self.closed and not self.client.connected:
-                raise ConnectionLostError(f"session {self.id}: {self.close_reason}")
+            if items:
+                return items.popleft()
+            if ended():
+                raise ConnectionLostError(why())
             self._changed.clear()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"no event from session {self.id} within {timeout:g} s")
+                raise TimeoutError(f"no {what} from session {self.id} within {timeout:g} s")
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:

@@ -157,20 +157,16 @@ def test_limits_and_idle_close(model, worker):
         manager.get(session.id)
 
 
-def test_newest_frames_of_several_sessions_share_one_encoder_call(model):
-    worker = InferenceWorker(model, max_batch=4)
-    try:
-        manager = SessionManager(worker)
-        sources = [PushSource(f"cam{i}") for i in range(3)]
-        sessions = [manager.open(s) for s in sources]
-        queues = [collect(s) for s in sessions]
-        push_while_the_worker_waits(worker, sources, sessions)
-        for q in queues:
-            next_result(q)
-        assert worker.steps == 1 and worker.batched_frames == 3
-        manager.close_all()
-    finally:
-        worker.stop()
+def test_newest_frames_of_several_sessions_share_one_encoder_call(model, worker):
+    manager = SessionManager(worker)
+    sources = [PushSource(f"cam{i}") for i in range(3)]
+    sessions = [manager.open(s) for s in sources]
+    queues = [collect(s) for s in sessions]
+    push_while_the_worker_waits(worker, sources, sessions)
+    for q in queues:
+        next_result(q)
+    assert worker.steps == 1 and worker.batched_frames == 3
+    manager.close_all()
 
 
 def test_slow_worker_drops_frames_never_queues(model, worker):
@@ -233,100 +229,92 @@ def test_per_session_tracking_options_and_their_errors(model, worker):
     manager.close_all()
 
 
-def test_sessions_choose_their_model_and_batch_only_with_their_own(model, second_model):
-    worker = InferenceWorker(model, max_batch=4)
-    try:
-        manager = SessionManager(worker, models={"a": model, "b": second_model})
-        assert manager.default_model == "a"
-        sources = {name: PushSource(name) for name in ("a", "b", "a2")}
-        sessions = {
-            "a": manager.open(sources["a"]),
-            "b": manager.open(sources["b"], model="b"),
-            "a2": manager.open(sources["a2"], model="a"),
-        }
-        assert sessions["b"].predictor.model is second_model and sessions["b"].worker is worker  # one worker per device
-        queues = {name: collect(s) for name, s in sessions.items()}
-        push_while_the_worker_waits(worker, sources.values(), sessions.values())
-        first = {name: next_result(q) for name, q in queues.items()}
-        # the two sessions on model a share an encoder call; b gets its own
-        assert worker.steps == 2 and worker.batched_frames == 3
-        cx, cy = shape_centres(0, H, W)[0]
-        got = {}
-        for name, s in sessions.items():
-            got[name] = [s.add_prompt(1, points_xy=[[cx, cy]], labels=[1], frame_idx=first[name].frame_idx).result(30).logits_hw]
-        for f in range(1, 4):
-            for name, src in sources.items():
-                src.push(FRAMES[f])
-                got[name].append(next_result(queues[name]).objects[1].logits_hw)
-        for name, net in (("a", model), ("b", second_model), ("a2", model)):
-            ref = StreamingPredictor(net)
-            ref.track(FRAMES[0])
-            expected = [ref.add_points(1, [[cx, cy]], [1]).logits_hw] + [ref.track(FRAMES[f]).objects[1].logits_hw for f in range(1, 4)]
-            for a, b in zip(got[name], expected):
-                np.testing.assert_allclose(a, b, atol=1e-5)
-        # different weights, different masks: the model choice took effect
-        assert not np.allclose(got["a"][-1], got["b"][-1], atol=1e-3)
-        manager.close_all()
-    finally:
-        worker.stop()
+def test_sessions_choose_their_model_and_batch_only_with_their_own(model, worker, second_model):
+    manager = SessionManager(worker, models={"a": model, "b": second_model})
+    assert manager.default_model == "a"
+    sources = {name: PushSource(name) for name in ("a", "b", "a2")}
+    sessions = {
+        "a": manager.open(sources["a"]),
+        "b": manager.open(sources["b"], model="b"),
+        "a2": manager.open(sources["a2"], model="a"),
+    }
+    assert sessions["b"].predictor.model is second_model and sessions["b"].worker is worker  # one worker per device
+    queues = {name: collect(s) for name, s in sessions.items()}
+    push_while_the_worker_waits(worker, sources.values(), sessions.values())
+    first = {name: next_result(q) for name, q in queues.items()}
+    # the two sessions on model a share an encoder call; b gets its own
+    assert worker.steps == 2 and worker.batched_frames == 3
+    cx, cy = shape_centres(0, H, W)[0]
+    got = {}
+    for name, s in sessions.items():
+        got[name] = [s.add_prompt(1, points_xy=[[cx, cy]], labels=[1], frame_idx=first[name].frame_idx).result(30).logits_hw]
+    for f in range(1, 4):
+        for name, src in sources.items():
+            src.push(FRAMES[f])
+            got[name].append(next_result(queues[name]).objects[1].logits_hw)
+    for name, net in (("a", model), ("b", second_model), ("a2", model)):
+        ref = StreamingPredictor(net)
+        ref.track(FRAMES[0])
+        expected = [ref.add_points(1, [[cx, cy]], [1]).logits_hw] + [ref.track(FRAMES[f]).objects[1].logits_hw for f in range(1, 4)]
+        for a, b in zip(got[name], expected):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    # different weights, different masks: the model choice took effect
+    assert not np.allclose(got["a"][-1], got["b"][-1], atol=1e-3)
+    manager.close_all()
 
 
-def test_out_of_cuda_memory_moves_the_session_to_a_cpu_copy_of_its_model(model):
+def test_out_of_cuda_memory_moves_the_session_to_a_cpu_copy_of_its_model(model, worker):
     """The fault is injected (there is no GPU here); the move itself is real: the
     tracking state goes to a copy of the model on its own worker and tracking
     goes on exactly as an uninterrupted predictor that skipped the dropped frame."""
     import torch
 
-    worker = InferenceWorker(model, max_batch=4)
-    try:
-        manager = SessionManager(worker, cpu_fallback=True)
-        a_src, b_src = PushSource("a"), PushSource("b")
-        a, b = manager.open(a_src), manager.open(b_src)
-        qa, qb = collect(a), collect(b)
-        events: list[SessionEvent] = []
-        a.subscribe(lambda item: events.append(item) if isinstance(item, SessionEvent) else None)
-        a_src.push(FRAMES[0])
-        b_src.push(FRAMES[0])
-        first = next_result(qa)
-        next_result(qb)
-        cx, cy = shape_centres(0, H, W)[0]
-        a.add_prompt(1, points_xy=[[cx, cy]], labels=[1], frame_idx=first.frame_idx).result(30)
-        oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        fail_on_call(a.predictor, "propagate", 2, oom)
-        got = {}
-        for f in range(1, 6):
-            a_src.push(FRAMES[f])
-            b_src.push(FRAMES[f])
-            assert next_result(qb).frame_idx == f  # b never notices
-            if f == 2:
-                deadline = time.time() + 30
-                while not any(e.kind == "moved" for e in events) and time.time() < deadline:
-                    time.sleep(0.01)
-                continue
-            got[f] = next_result(qa).objects[1].logits_hw
-        kinds = [e.kind for e in events]
-        assert kinds == ["error", "moved"]
-        assert events[0].message.startswith("OutOfMemoryError: CUDA out of memory")
-        assert events[1].message == f"out of CUDA memory on cpu: session {a.id} now runs on the CPU (slower)"
-        # a copy of the model on the CPU, served by the CPU's worker (one per device:
-        # here the model was on the CPU already, so that is the same worker)
-        assert a.predictor.model is not model and a.predictor.device.type == "cpu"
-        assert manager.workers == [worker] and a.worker is worker
-        assert b.worker is worker and b.predictor.model is model
-        assert a.info()["objects"] == [1]
-        # the frame that ran out of memory is lost; everything else equals a predictor that never moved
-        ref = StreamingPredictor(model)
-        ref.track(FRAMES[0])
-        ref.add_points(1, [[cx, cy]], [1])
-        np.testing.assert_allclose(got[1], ref.track(FRAMES[1]).objects[1].logits_hw, atol=1e-5)
-        ref.encode(2, FRAMES[2])  # the dropped frame was encoded, never tracked
-        for f in (3, 4, 5):
-            np.testing.assert_allclose(got[f], ref.track(FRAMES[f]).objects[1].logits_hw, atol=1e-5)
-        manager.close_all()
-        for w in manager.workers:
-            w.stop()
-    finally:
-        worker.stop()
+    manager = SessionManager(worker, cpu_fallback=True)
+    a_src, b_src = PushSource("a"), PushSource("b")
+    a, b = manager.open(a_src), manager.open(b_src)
+    qa, qb = collect(a), collect(b)
+    events: list[SessionEvent] = []
+    a.subscribe(lambda item: events.append(item) if isinstance(item, SessionEvent) else None)
+    a_src.push(FRAMES[0])
+    b_src.push(FRAMES[0])
+    first = next_result(qa)
+    next_result(qb)
+    cx, cy = shape_centres(0, H, W)[0]
+    a.add_prompt(1, points_xy=[[cx, cy]], labels=[1], frame_idx=first.frame_idx).result(30)
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    fail_on_call(a.predictor, "propagate", 2, oom)
+    got = {}
+    for f in range(1, 6):
+        a_src.push(FRAMES[f])
+        b_src.push(FRAMES[f])
+        assert next_result(qb).frame_idx == f  # b never notices
+        if f == 2:
+            deadline = time.time() + 30
+            while not any(e.kind == "moved" for e in events) and time.time() < deadline:
+                time.sleep(0.01)
+            continue
+        got[f] = next_result(qa).objects[1].logits_hw
+    kinds = [e.kind for e in events]
+    assert kinds == ["error", "moved"]
+    assert events[0].message.startswith("OutOfMemoryError: CUDA out of memory")
+    assert events[1].message == f"out of CUDA memory on cpu: session {a.id} now runs on the CPU (slower)"
+    # a copy of the model on the CPU, served by the CPU's worker (one per device:
+    # here the model was on the CPU already, so that is the same worker)
+    assert a.predictor.model is not model and a.predictor.device.type == "cpu"
+    assert manager.workers == [worker] and a.worker is worker
+    assert b.worker is worker and b.predictor.model is model
+    assert a.info()["objects"] == [1]
+    # the frame that ran out of memory is lost; everything else equals a predictor that never moved
+    ref = StreamingPredictor(model)
+    ref.track(FRAMES[0])
+    ref.add_points(1, [[cx, cy]], [1])
+    np.testing.assert_allclose(got[1], ref.track(FRAMES[1]).objects[1].logits_hw, atol=1e-5)
+    ref.encode(2, FRAMES[2])  # the dropped frame was encoded, never tracked
+    for f in (3, 4, 5):
+        np.testing.assert_allclose(got[f], ref.track(FRAMES[f]).objects[1].logits_hw, atol=1e-5)
+    manager.close_all()
+    for w in manager.workers:
+        w.stop()
 
 
 def test_state_from_cuda_autocast_dtypes_loads_into_a_cpu_predictor(model):
@@ -364,40 +352,36 @@ def test_state_from_cuda_autocast_dtypes_loads_into_a_cpu_predictor(model):
     assert agree > 0.99, agree
 
 
-def test_a_batch_too_big_for_memory_is_encoded_one_frame_at_a_time(model, monkeypatch, caplog):
+def test_a_batch_too_big_for_memory_is_encoded_one_frame_at_a_time(model, worker, monkeypatch, caplog):
     """Out of memory for the batch is not a fault of any one session: each frame is
     encoded alone and every session gets its result (no error, no move)."""
     import torch
 
-    worker = InferenceWorker(model, max_batch=4)
-    try:
-        manager = SessionManager(worker, cpu_fallback=True)
-        sources = [PushSource(f"cam{i}") for i in range(2)]
-        sessions = [manager.open(s) for s in sources]
-        events: list[SessionEvent] = []
-        queues = []
-        for s in sessions:
-            queues.append(collect(s))
-            s.subscribe(lambda item: events.append(item) if isinstance(item, SessionEvent) else None)
-        forward_image = model.forward_image
-        sizes = []
+    manager = SessionManager(worker, cpu_fallback=True)
+    sources = [PushSource(f"cam{i}") for i in range(2)]
+    sessions = [manager.open(s) for s in sources]
+    events: list[SessionEvent] = []
+    queues = []
+    for s in sessions:
+        queues.append(collect(s))
+        s.subscribe(lambda item: events.append(item) if isinstance(item, SessionEvent) else None)
+    forward_image = model.forward_image
+    sizes = []
 
-        def only_one_fits(img):
-            sizes.append(int(img.shape[0]))
-            if img.shape[0] > 1:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected: the batch does not fit)")
-            return forward_image(img)
+    def only_one_fits(img):
+        sizes.append(int(img.shape[0]))
+        if img.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected: the batch does not fit)")
+        return forward_image(img)
 
-        monkeypatch.setattr(model, "forward_image", only_one_fits)
-        push_while_the_worker_waits(worker, sources, sessions)
-        for q in queues:
-            assert next_result(q).frame_idx == 0
-        assert sizes == [2, 1, 1] and worker.steps == 1
-        assert events == [] and all(s.predictor.model is model for s in sessions)
-        assert "image encoder out of memory for 2 frames at once; encoding them one by one" in caplog.text
-        manager.close_all()
-    finally:
-        worker.stop()
+    monkeypatch.setattr(model, "forward_image", only_one_fits)
+    push_while_the_worker_waits(worker, sources, sessions)
+    for q in queues:
+        assert next_result(q).frame_idx == 0
+    assert sizes == [2, 1, 1] and worker.steps == 1
+    assert events == [] and all(s.predictor.model is model for s in sessions)
+    assert "image encoder out of memory for 2 frames at once; encoding them one by one" in caplog.text
+    manager.close_all()
 
 
 def test_two_new_objects_prompted_at_once_get_two_ids(model, worker):
