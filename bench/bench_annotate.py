@@ -1,16 +1,21 @@
 """Offline annotation and image-mode benchmarks, measured side by side in one run.
 
 ``video``: a generated clip (JPEG folder, the input both tools read) annotated by
-``sam2-stream annotate`` (decode on a thread, bounded state) and by Meta's
-``SAM2VideoPredictor`` (``init_state`` loads every frame, then
-``propagate_in_video``) with the same model and prompt. Each runs in its own
-process so peak RSS is its own. Prints frames/s, the ratio, peak RSS and RSS
-at 10% vs 100% of the frames (flat = bounded).
+``sam2-stream annotate`` (decode and resize on threads a few frames ahead of
+the model, bounded state) and by Meta's ``SAM2VideoPredictor`` (``init_state``
+loads every frame, then ``propagate_in_video``) with the same model and prompt;
+both take every frame's masks to host memory, as a writer must. Each runs in
+its own process so peak RSS is its own. Prints frames/s, the ratio, peak RSS
+(and peak GPU memory on CUDA) and RSS at 10% vs 100% of the frames (flat =
+bounded). ``--size`` sets the frames' size: decoding and resizing 1080p frames
+is what the overlap hides; ``--device cuda`` runs both under bf16 autocast, as
+Meta's examples do.
 
 ``images``: image mode on a folder in one process (one model load, one
 embedding per image) vs one ``sam2-stream segment`` process per image.
 
     .venv/bin/python bench/bench_annotate.py video --frames 3000
+    .venv/bin/python bench/bench_annotate.py video --frames 300 --size 1920x1080
     .venv/bin/python bench/bench_annotate.py images --images 12
 """
 
@@ -27,24 +32,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-H, W = 120, 160
+def make_clip(folder: Path, n: int, h: int, w: int) -> None:
+    """``n`` JPEGs cycling through 60 distinct moving-shapes frames (encoded once each)."""
+    import io
 
+    from PIL import Image
 
-def make_clip(folder: Path, n: int) -> None:
-    from tests.frames import moving_shapes, write_jpeg_folder
+    from tests.frames import moving_shapes
 
-    base = moving_shapes(60, H, W)
-    write_jpeg_folder([base[i % len(base)] for i in range(n)], folder)
+    encoded = []
+    for img in moving_shapes(60, h, w):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        encoded.append(buf.getvalue())
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"{i:05d}.jpg").write_bytes(encoded[i % len(encoded)])
 
 
 WORKER = r'''
 import json, sys, time, threading, resource
 import psutil, torch
 sys.path.insert(0, {root!r})
-from tracker.model import build_model
-which, folder, n, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+from tracker.model import autocast_context, build_model, pick_device
+which, folder, n, size, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.set_num_threads({threads})
-model = build_model("sam2.1-tiny", random_weights_seed=0, device="cpu", image_size=size)
+device = pick_device(device)
+model = build_model("sam2.1-tiny", random_weights_seed=0, device=str(device), image_size=size)
 proc = psutil.Process()
 marks = {{}}
 point = [[0.2 * {W}, 0.3 * {H}]]
@@ -58,20 +72,23 @@ if which == "ours":
     for i, r in enumerate(annotate(folder, [Prompt(1, 0, points_xy=point, labels=[1])], model=model, checkpoint_every=0)):
         done += 1; mark(i)
 else:
-    state = model.init_state(folder, offload_video_to_cpu=True)
-    model.add_new_points_or_box(state, 0, 1, points=point, labels=[1])
-    for i, (f, ids, masks) in enumerate(model.propagate_in_video(state)):
-        done += 1; mark(i)
+    with torch.inference_mode(), autocast_context(device):
+        state = model.init_state(folder, offload_video_to_cpu=True)
+        model.add_new_points_or_box(state, 0, 1, points=point, labels=[1])
+        for i, (f, ids, masks) in enumerate(model.propagate_in_video(state)):
+            binary = (masks > 0).cpu().numpy()
+            done += 1; mark(i)
 dt = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({{"frames": done, "seconds": dt, "peak_rss": peak, "marks": marks}}))
+gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+print(json.dumps({{"frames": done, "seconds": dt, "peak_rss": peak, "peak_gpu": gpu, "marks": marks, "device": str(device)}}))
 '''
 
 
-def run_worker(which: str, folder: Path, n: int, size: int, threads: int) -> dict:
-    code = WORKER.format(root=str(ROOT), threads=threads, W=W, H=H)
+def run_worker(which: str, folder: Path, n: int, size: int, threads: int, hw: tuple[int, int], device: str) -> dict:
+    code = WORKER.format(root=str(ROOT), threads=threads, W=hw[1], H=hw[0])
     out = subprocess.run(
-        [sys.executable, "-c", code, which, str(folder), str(n), str(size)],
+        [sys.executable, "-c", code, which, str(folder), str(n), str(size), device],
         capture_output=True,
         text=True,
         check=True,
@@ -79,19 +96,24 @@ def run_worker(which: str, folder: Path, n: int, size: int, threads: int) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_video(n: int, size: int, threads: int) -> None:
+def bench_video(n: int, size: int, threads: int, hw: tuple[int, int], device: str) -> None:
+    h, w = hw
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "clip"
-        make_clip(folder, n)
-        print(f"== annotate: {n} frames {W}x{H} (JPEG folder), sam2.1-tiny random weights, image_size {size}, {threads} threads")
-        res = {which: run_worker(which, folder, n, size, threads) for which in ("ours", "meta")}
+        make_clip(folder, n, h, w)
+        res = {which: run_worker(which, folder, n, size, threads, hw, device) for which in ("ours", "meta")}
+    print(
+        f"== annotate: {n} frames {w}x{h} (JPEG folder), sam2.1-tiny random weights, image_size {size}, "
+        f"{res['ours']['device']}, {threads} CPU threads"
+    )
     for which, r in res.items():
         fps = r["frames"] / r["seconds"]
         m = {int(k): v for k, v in r["marks"].items()}
         lo, hi = min(m), max(m)
         growth = (m[hi] - m[lo]) / m[lo]
+        gpu = f", peak GPU {r['peak_gpu'] / 2**20:7.1f} MiB" if r["peak_gpu"] is not None else ""
         print(
-            f"  {which:5s}: {fps:6.2f} frames/s ({r['seconds']:.1f} s), peak RSS {r['peak_rss'] / 2**20:7.1f} MiB, "
+            f"  {which:5s}: {fps:6.2f} frames/s ({r['seconds']:.1f} s), peak RSS {r['peak_rss'] / 2**20:7.1f} MiB{gpu}, "
             f"RSS frame {lo} -> {hi}: {growth:+.1%}"
         )
     ratio = (res["ours"]["frames"] / res["ours"]["seconds"]) / (res["meta"]["frames"] / res["meta"]["seconds"])
@@ -130,11 +152,14 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=3000)
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--size", default="160x120", help="video frames' WIDTHxHEIGHT (default 160x120)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     args = ap.parse_args()
+    w, h = (int(v) for v in args.size.lower().split("x"))
     for part in args.parts:
         if part == "video":
-            bench_video(args.frames, args.image_size, args.threads)
+            bench_video(args.frames, args.image_size, args.threads, (h, w), args.device)
         else:
             bench_images(args.images, args.image_size)
 

@@ -4,10 +4,13 @@ and bad input refused before any long work."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.frames import moving_shapes, shape_centres, write_jpeg_folder
 from tracker.annotate import AnnotateStats, Prompt, annotate, load_prompts
@@ -134,3 +137,64 @@ def test_prompts_file_round_trip(tmp_path):
     assert p[1] == Prompt(2, 0, box_xyxy=[1, 2, 30, 40])
     assert p[2].mask_path == tmp_path / "m.png"
     assert p[3] == Prompt(4, 0, points_xy=[[7, 8]], labels=[1])
+
+
+def test_read_ahead_forwards_items_then_the_error_and_stays_bounded():
+    from tracker.annotate import _on_thread
+
+    produced = []
+    closed = threading.Event()
+
+    def items():
+        try:
+            for i in range(5):
+                produced.append(i)
+                yield i
+            raise ValueError("broken stream after frame 4")
+        finally:
+            closed.set()
+
+    got = []
+    with pytest.raises(ValueError, match="after frame 4"):
+        for item in _on_thread(items(), depth=2):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+    assert closed.is_set()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                produced.append(i)
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    produced.clear()
+    closed.clear()
+    reader = _on_thread(endless(), depth=2)
+    assert next(reader) == 0
+    time.sleep(0.3)  # the reader fills the queue, then waits
+    assert len(produced) <= 1 + 2 + 1  # taken + queued + one waiting to be queued
+    reader.close()  # the consumer stops early: the reader and its generator are closed
+    assert closed.is_set()
+
+
+def test_prepared_frame_encodes_like_the_array(model, clip):
+    """The read-ahead path (resize on another thread, then encode) gives the same features."""
+    from PIL import Image
+
+    from tracker.predictor import StreamingPredictor
+
+    image = np.array(Image.open(sorted(clip.iterdir())[0]).convert("RGB"))
+    a, b = StreamingPredictor(model), StreamingPredictor(model)
+    a.encode(0, image)
+    prepared = b.prepare_frame(image)
+    assert prepared.source_size == (H, W) and prepared.image.shape == (a.image_size, a.image_size, 3)
+    b.encode(0, prepared)
+    fa, fb = a._frames[0], b._frames[0]
+    assert fa.source_hw == fb.source_hw == (H, W)
+    assert len(fa.backbone_fpn) == len(fb.backbone_fpn)
+    for x, y in zip(fa.backbone_fpn, fb.backbone_fpn):
+        assert torch.equal(x, y)

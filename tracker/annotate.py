@@ -5,8 +5,10 @@ first, each a conditioning frame; propagate forward, then backward to frame 0)
 but memory-safe on long videos:
 
 * frames are decoded on the fly (the ingest layer's file mode decodes ahead on a
-  thread); only frames before the last object's first prompt are kept, at the
-  model's size, in a disk-backed array, for the backward pass;
+  thread) and resized to the model's size a few frames ahead on another, so the
+  model's thread only runs the model; only frames before the last object's
+  first prompt are kept, at the model's size, in a disk-backed array, for the
+  backward pass;
 * the per-object state is the streaming predictor's bounded state;
 * results go to the caller frame by frame (an iterator), typically straight to
   the export writers (``tracker.export``);
@@ -26,23 +28,31 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from tracker.errors import PromptError, SourceError, TrackerError
-from tracker.predictor import StreamingPredictor
+from tracker.predictor import PreparedFrame, StreamingPredictor
 from tracker.prompts import check_prompt
 from tracker.results import FrameResult, ObjectResult
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "annotate_state.pt"
+
+#: frames prepared ahead of the model (each S x S x 3 bytes, pinned on CUDA)
+READ_AHEAD_FRAMES = 4
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -299,13 +309,18 @@ def annotate(
     start = min(plan.first_frame.values())
     try:
         if phase == "forward":
-            with open_source(video, mode="file") as source:
-                for idx, frame in enumerate(source):
-                    image = predictor.prepare(frame.image_rgb)
-                    store.put(idx, image, frame.source_size, frame.pts_s)
+            def wanted(idx: int) -> bool:  # kept for the backward pass, or tracked now
+                return idx < plan.keep_until or (idx >= start and idx > done_upto)
+
+            with closing(_on_thread(_read_ahead(open_source, video, predictor, wanted))) as frames:
+                for ahead in frames:
+                    idx = ahead.idx
+                    if ahead.frame is None:
+                        continue
+                    store.put(idx, ahead.frame.image, ahead.frame.source_size, ahead.pts_s)
                     if idx < start or idx <= done_upto:
                         continue
-                    predictor.encode(idx, image, source_size=frame.source_size, pts_s=frame.pts_s, source_index=frame.index)
+                    predictor.encode(idx, ahead.frame, pts_s=ahead.pts_s, source_index=ahead.source_index)
                     active = [o for o in plan.obj_ids if plan.first_frame[o] <= idx]
                     result = predictor.propagate(idx, obj_ids=active)
                     stats.forward_frames += 1
@@ -319,25 +334,27 @@ def annotate(
             phase, done_upto = "backward", plan.keep_until
         else:
             # the backward pass needs the kept frames again: decode up to keep_until
-            with open_source(video, mode="file") as source:
-                for idx, frame in enumerate(source):
-                    if idx >= plan.keep_until:
+            kept = _read_ahead(open_source, video, predictor, lambda i: i < plan.keep_until)
+            with closing(_on_thread(kept)) as frames:
+                for ahead in frames:
+                    if ahead.idx >= plan.keep_until:
                         break
-                    store.put(idx, predictor.prepare(frame.image_rgb), frame.source_size, frame.pts_s)
+                    store.put(ahead.idx, ahead.frame.image, ahead.frame.source_size, ahead.pts_s)
 
-        for idx in range(min(done_upto, plan.keep_until) - 1, -1, -1):
-            active = [o for o in plan.obj_ids if plan.first_frame[o] > idx]
-            image, source_hw, pts_s = store.get(idx)
-            predictor.encode(idx, image, source_size=source_hw, pts_s=pts_s, source_index=idx)
-            result = predictor.propagate(idx, reverse=True, obj_ids=active)
-            stats.backward_frames += 1
-            result.objects.update(_expand(partial.pop(idx, {})))
-            result.objects = dict(sorted(result.objects.items()))
-            if idx not in skip:
-                stats.frames += 1
-                yield result
-            if checkpoint_every and idx % checkpoint_every == 0:
-                _save_state(state_path, predictor, "backward", idx, partial)
+        backward = range(min(done_upto, plan.keep_until) - 1, -1, -1)
+        with closing(_on_thread(_stored_frames(store, predictor, backward))) as frames:
+            for idx, frame, pts_s in frames:
+                active = [o for o in plan.obj_ids if plan.first_frame[o] > idx]
+                predictor.encode(idx, frame, pts_s=pts_s, source_index=idx)
+                result = predictor.propagate(idx, reverse=True, obj_ids=active)
+                stats.backward_frames += 1
+                result.objects.update(_expand(partial.pop(idx, {})))
+                result.objects = dict(sorted(result.objects.items()))
+                if idx not in skip:
+                    stats.frames += 1
+                    yield result
+                if checkpoint_every and idx % checkpoint_every == 0:
+                    _save_state(state_path, predictor, "backward", idx, partial)
         state_path.unlink(missing_ok=True)
     finally:
         store.close()
@@ -398,6 +415,87 @@ def _read_frames(open_source: Any, video: str, wanted: set[int]) -> dict[int, tu
 def _count_frames(open_source: Any, video: str) -> int:
     with open_source(video, mode="file") as source:
         return sum(1 for _ in source)
+
+
+@dataclass
+class _Ahead:
+    """One decoded frame, with its model-size copy when the annotator needs it."""
+
+    idx: int
+    frame: PreparedFrame | None
+    pts_s: float | None
+    source_index: int
+
+
+def _read_ahead(
+    open_source: Any, video: str, predictor: StreamingPredictor, wanted: Callable[[int], bool]
+) -> Iterator[_Ahead]:
+    """Decode ``video`` and resize the ``wanted`` frames (run by :func:`_on_thread`).
+
+    The source decodes on its own thread; resizing here too (a 1080p frame to
+    the model's size costs about as much as decoding it) leaves the model's
+    thread nothing to do but inference.
+    """
+    with open_source(video, mode="file") as source:
+        for idx, frame in enumerate(source):
+            prepared = predictor.prepare_frame(frame.image_rgb, frame.source_size) if wanted(idx) else None
+            yield _Ahead(idx, prepared, frame.pts_s, frame.index)
+
+
+def _stored_frames(
+    store: _FrameStore, predictor: StreamingPredictor, order: range
+) -> Iterator[tuple[int, PreparedFrame, float | None]]:
+    """The backward pass's frames, read back from the frame store in ``order``."""
+    for idx in order:
+        image, source_hw, pts_s = store.get(idx)
+        yield idx, predictor.prepare_frame(image, source_hw), pts_s
+
+
+def _on_thread(items: Iterator[_T], depth: int = READ_AHEAD_FRAMES) -> Iterator[_T]:
+    """Run ``items`` on a reader thread, at most ``depth`` items ahead of the consumer.
+
+    Errors raised by ``items`` reach the consumer after the items before them.
+    When the consumer stops early (break, an error, Ctrl-C), the reader is
+    closed (its ``with`` blocks exit, the video is released) before this returns.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    break
+            else:
+                offer(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            offer(e)
+        finally:
+            items.close()
+
+    reader = threading.Thread(target=run, name="annotate-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
 def _validate_prompts(

@@ -52,6 +52,21 @@ _IMG_MEAN = (0.485, 0.456, 0.406)
 _IMG_STD = (0.229, 0.224, 0.225)
 
 
+@dataclass(frozen=True)
+class PreparedFrame:
+    """A frame already resized to the model's S x S, ready for the encoder.
+
+    Made by :meth:`StreamingPredictor.prepare_frame`, which is safe to call on
+    another thread: an offline reader resizes (and, on CUDA, pins) the next
+    frames while the model works on this one, so decoding and preprocessing
+    overlap inference instead of adding to it.
+    """
+
+    image: np.ndarray  # S x S x 3 uint8 RGB
+    pixels: torch.Tensor  # ``image`` as a tensor (a pinned copy when the model is on CUDA)
+    source_size: tuple[int, int]  # (height, width) before the resize
+
+
 @dataclass
 class _FrameEntry:
     """One processed frame in the prompt window."""
@@ -239,7 +254,7 @@ class StreamingPredictor:
     def encode(
         self,
         frame_idx: int,
-        image_rgb: np.ndarray | torch.Tensor,
+        image_rgb: np.ndarray | torch.Tensor | PreparedFrame,
         *,
         pts_s: float | None = None,
         arrival_s: float | None = None,
@@ -254,7 +269,11 @@ class StreamingPredictor:
         with self._lock:
             img = self.to_model_input(image_rgb)
             if source_size is None:
-                source_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
+                source_size = (
+                    image_rgb.source_size
+                    if isinstance(image_rgb, PreparedFrame)
+                    else (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
+                )
             with autocast_context(self.device):
                 backbone_out = self.model.forward_image(img)
             self.encode_features(
@@ -505,10 +524,30 @@ class StreamingPredictor:
         interp = cv2.INTER_AREA if (h > s or w > s) else cv2.INTER_LINEAR
         return cv2.resize(image_rgb, (s, s), interpolation=interp)
 
-    def to_model_input(self, image_rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def prepare_frame(
+        self, image_rgb: np.ndarray | torch.Tensor, source_size: tuple[int, int] | None = None
+    ) -> PreparedFrame:
+        """:meth:`prepare` for a reader thread: touches no tracking state.
+
+        On CUDA the uint8 pixels are copied to pinned memory, so the copy to the
+        GPU in :meth:`encode` is asynchronous. ``source_size`` defaults to the
+        frame's own (height, width).
+        """
+        image = self.prepare(image_rgb)
+        if source_size is None:
+            source_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
+        pixels = torch.from_numpy(image)
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        return PreparedFrame(image, pixels, (int(source_size[0]), int(source_size[1])))
+
+    def to_model_input(self, image_rgb: np.ndarray | torch.Tensor | PreparedFrame) -> torch.Tensor:
         """HxWx3 uint8 RGB → 1x3xSxS normalised, as Meta's ``load_video_frames`` does."""
-        resized = self.prepare(image_rgb)
-        img = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).float() / 255.0
+        if isinstance(image_rgb, PreparedFrame):
+            pixels = image_rgb.pixels.to(self.device, non_blocking=True)
+        else:
+            pixels = torch.from_numpy(self.prepare(image_rgb)).to(self.device)
+        img = pixels.permute(2, 0, 1).float() / 255.0
         img -= self._mean
         img /= self._std
         return img.unsqueeze(0)
