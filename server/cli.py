@@ -97,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             setattr(limits, attr, value)
     for attr, value in (("name", args.model), ("checkpoint", args.checkpoint), ("device", args.device),
                         ("image_size", args.image_size), ("random_weights", args.random_weights),
+                        ("precision", args.precision),
                         ("max_batch", args.max_batch), ("cpu_fallback", args.cpu_fallback)):
         if value is not None:
             setattr(model, attr, value)
@@ -126,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=m.device,
             image_size=m.image_size,
             random_weights_seed=m.random_weights,
+            precision=m.precision,
         )
 
     model = load(config.model.name, config.model)

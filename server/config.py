@@ -54,7 +54,7 @@ import os
 import re
 import ssl
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -104,6 +104,8 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     device: str = "auto"
     image_size: Annotated[int, msgspec.Meta(ge=64, le=4096)] | None = None
     random_weights: int | None = None
+    #: autocast (tracker.model.PRECISIONS): auto = bf16 on CUDA, fp32 on the CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class ModelSection(ModelEntry, forbid_unknown_fields=True, kw_only=True):

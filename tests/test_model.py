@@ -15,7 +15,7 @@ import torch
 from tests.conftest import TEST_IMAGE_SIZE, TEST_SEED
 from tracker import checkpoints
 from tracker.errors import CheckpointError, CheckpointMismatchError, ModelConfigError
-from tracker.model import build_model, model_state_dict, pick_device, resolve_config
+from tracker.model import autocast_context, build_model, check_precision, model_state_dict, pick_device, resolve_config
 
 
 def test_short_names_and_config_paths_resolve():
@@ -46,6 +46,24 @@ def test_device_choice():
     with pytest.raises(ModelConfigError) as err:
         pick_device("gpu0")
     assert str(err.value) == "unknown device 'gpu0': use auto, cpu, cuda, cuda:N or mps"
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    for precision in ("auto", "fp32"):
+        with autocast_context(cpu, precision):
+            assert not torch.is_autocast_enabled("cpu")
+    with autocast_context(cpu, "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert check_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ModelConfigError) as err:
+        check_precision("fp16", cpu)
+    assert str(err.value) == "precision fp16 is for GPUs; on the CPU use bf16 (or fp32)"
+    with pytest.raises(ModelConfigError) as err:
+        build_model("sam2.1-tiny", random_weights_seed=0, device="cpu", image_size=256, precision="int8")
+    assert str(err.value) == "unknown precision 'int8': use one of auto, fp32, bf16, fp16"
+    net = build_model("sam2.1-tiny", random_weights_seed=0, device="cpu", image_size=256, precision="bf16")
+    assert net.autocast_precision == "bf16"
 
 
 def test_random_weights_are_seeded():

@@ -680,6 +680,8 @@ def test_config_file_and_command_line(tmp_path, monkeypatch):
     assert (config.server.port, config.limits.max_objects, config.model.image_size, config.model.random_weights) == (
         0, 5, 256, 0)
     assert config.model.name == "sam2.1-tiny" and config.model.device == "auto"  # the file's / defaults kept
+    assert config.model.precision == "auto"
+    assert config_from_args(build_parser().parse_args(["serve", "--precision", "bf16"])).model.precision == "bf16"
     assert list(config.sources) == ["clip", "once", "cam", "extra"]
     assert config.server.allow_origins == ["https://ops.example.org"]
 
@@ -691,6 +693,10 @@ def test_config_file_and_command_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == f"{path}: Object contains unknown field `max_object` - at `$.limits`"
+    path.write_text("[model]\nprecision = 'int8'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: Invalid enum value 'int8' - at `$.model.precision`"
     path.write_text("[server\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)

@@ -93,6 +93,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--image-size", type=int, default=None, help="model input size (1024 as trained; 512/256 are faster)")
     p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default=None,
+        help="autocast: auto = bf16 on CUDA, fp32 on the CPU; bf16 on a CPU with AVX512-BF16/AMX is ~2x faster",
+    )
+    p.add_argument(
         "--random-weights",
         type=int,
         metavar="SEED",
@@ -110,6 +116,7 @@ def build_model_from_args(args: argparse.Namespace):
         device=args.device,
         image_size=args.image_size,
         random_weights_seed=args.random_weights,
+        precision=args.precision or "auto",
     )
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tracker.errors import FrameError, FrameNotAvailableError, PromptError
-from tracker.model import autocast_context
+from tracker.model import autocast_context, model_precision
 from tracker.prompts import check_prompt
 from tracker.results import FrameResult, ObjectResult, mask_box_xyxy
 
@@ -176,6 +176,7 @@ class StreamingPredictor:
             raise ValueError("resize must be 'pil' or 'cv2'")
         self.model = model
         self.device: torch.device = next(model.parameters()).device
+        self.precision = model_precision(model)
         self.image_size: int = int(model.image_size)
         self.prompt_window_s = float(prompt_window_s)
         self.max_prompt_frames = max(1, int(max_prompt_frames))
@@ -274,7 +275,7 @@ class StreamingPredictor:
                     if isinstance(image_rgb, PreparedFrame)
                     else (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
                 )
-            with autocast_context(self.device):
+            with autocast_context(self.device, self.precision):
                 backbone_out = self.model.forward_image(img)
             self.encode_features(
                 backbone_out,
@@ -665,7 +666,7 @@ class StreamingPredictor:
         """One ``track_step`` for ``objs`` (batched) on a buffered frame; returns
         the compact output. Mirrors ``SAM2VideoPredictor._run_single_frame_inference``."""
         vision_feats, vision_pos, feat_sizes = self._features(entry, len(objs))
-        with autocast_context(self.device):
+        with autocast_context(self.device, self.precision):
             current_out = self.model.track_step(
                 frame_idx=entry.frame_idx,
                 is_init_cond_frame=is_init_cond_frame,
@@ -789,7 +790,7 @@ class StreamingPredictor:
         vision_feats, _, feat_sizes = self._features(entry, 1)
         s = self.image_size
         high_res_masks = F.interpolate(out["pred_masks"], size=(s, s), mode="bilinear", align_corners=False)
-        with autocast_context(self.device):
+        with autocast_context(self.device, self.precision):
             maskmem_features, maskmem_pos_enc = self.model._encode_new_memory(
                 current_vision_feats=vision_feats,
                 feat_sizes=feat_sizes,

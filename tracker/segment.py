@@ -16,7 +16,7 @@ import torch
 
 from tracker.errors import FrameError, PromptError
 from tracker.masks import mask_box_xyxy
-from tracker.model import autocast_context
+from tracker.model import model_autocast
 from tracker.prompts import check_prompt
 
 
@@ -61,7 +61,7 @@ class ImageSegmenter:
             raise FrameError(f"image must be H x W x 3 RGB, got {shape if shape is not None else type(image_rgb).__name__}")
         if image_rgb.dtype != np.uint8:
             raise FrameError(f"image must be uint8 RGB, got dtype {image_rgb.dtype}")
-        with self._lock, torch.inference_mode(), autocast_context(self.device):
+        with self._lock, torch.inference_mode(), model_autocast(self.model):
             self.predictor.set_image(image_rgb)
             self._size_hw = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
 
@@ -78,7 +78,7 @@ class ImageSegmenter:
         if self._size_hw is None:
             raise PromptError("no image set: call set_image first")
         checked = check_prompt(self._size_hw, points_xy, labels, box_xyxy)
-        with self._lock, torch.inference_mode(), autocast_context(self.device):
+        with self._lock, torch.inference_mode(), model_autocast(self.model):
             masks, ious, low_res = self.predictor.predict(
                 point_coords=checked.points_xy if len(checked.points_xy) else None,
                 point_labels=checked.labels if len(checked.labels) else None,

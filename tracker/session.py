@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from tracker.errors import SourceError, TrackerError
-from tracker.model import autocast_context
+from tracker.model import model_autocast
 from tracker.predictor import StreamingPredictor
 from tracker.results import FrameResult, ObjectResult
 
@@ -554,7 +554,7 @@ class InferenceWorker:
     def _encode(self, inputs: list[tuple[TrackingSession, Any, torch.Tensor]], t0: float) -> list[tuple[TrackingSession, Any, int]]:
         model = inputs[0][0].predictor.model
         try:
-            with torch.inference_mode(), autocast_context(self.device):
+            with torch.inference_mode(), model_autocast(model):
                 backbone = model.forward_image(torch.cat([x[2] for x in inputs], dim=0))
         except Exception as e:
             self._maybe_free_cuda(e)
