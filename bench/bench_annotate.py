@@ -12,12 +12,16 @@ is what the overlap hides; ``--device cuda`` runs both under bf16 autocast, as
 Meta's examples do; ``--precision bf16`` runs both under bf16 autocast on the CPU
 too (about 2x faster on CPUs with AVX512-BF16 or AMX).
 
+``precision``: ``annotate`` in float32 vs under bf16 autocast (``--precision bf16``),
+alternating rounds on the same clip.
+
 ``images``: image mode on a folder in one process (one model load, one
 embedding per image) vs one ``sam2-stream segment`` process per image.
 
     .venv/bin/python bench/bench_annotate.py video --frames 3000
     .venv/bin/python bench/bench_annotate.py video --frames 300 --size 1920x1080
-    .venv/bin/python bench/bench_annotate.py video --frames 300 --precision bf16
+    .venv/bin/python bench/bench_annotate.py video --frames 300 --precision bf16 --rounds 3
+    .venv/bin/python bench/bench_annotate.py precision --frames 300 --rounds 3
     .venv/bin/python bench/bench_annotate.py images --images 12
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +66,7 @@ which, folder, n, size, device, precision = sys.argv[1], sys.argv[2], int(sys.ar
 torch.set_num_threads({threads})
 device = pick_device(device)
 model = build_model("sam2.1-tiny", random_weights_seed=0, device=str(device), image_size=size, precision=precision)
+from tracker.annotate import Prompt, annotate  # imported (PyAV, OpenCV) before the clock starts
 proc = psutil.Process()
 marks = {{}}
 point = [[0.2 * {W}, 0.3 * {H}]]
@@ -70,7 +76,6 @@ def mark(i):
     if i + 1 in (max(1, n // 10), n):
         marks[i + 1] = proc.memory_info().rss
 if which == "ours":
-    from tracker.annotate import Prompt, annotate
     for i, r in enumerate(annotate(folder, [Prompt(1, 0, points_xy=point, labels=[1])], model=model, checkpoint_every=0)):
         done += 1; mark(i)
 else:
@@ -100,29 +105,65 @@ def run_worker(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_video(n: int, size: int, threads: int, hw: tuple[int, int], device: str, precision: str) -> None:
+def bench_video(n: int, size: int, threads: int, hw: tuple[int, int], device: str, precision: str, rounds: int) -> None:
+    """``rounds`` > 1 alternates the two (ours, meta, ours, meta, ...): on a shared
+    machine speed drifts by 10% within minutes, so one run each can mislead."""
     h, w = hw
+    runs: dict[str, list[dict]] = {"ours": [], "meta": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "clip"
         make_clip(folder, n, h, w)
-        res = {which: run_worker(which, folder, n, size, threads, hw, device, precision) for which in ("ours", "meta")}
+        for _ in range(rounds):
+            for which in runs:
+                runs[which].append(run_worker(which, folder, n, size, threads, hw, device, precision))
     print(
         f"== annotate: {n} frames {w}x{h} (JPEG folder), sam2.1-tiny random weights, image_size {size}, "
-        f"{res['ours']['device']}, precision {precision}, {threads} CPU threads"
+        f"{runs['ours'][0]['device']}, precision {precision}, {threads} CPU threads, {rounds} round(s)"
     )
-    for which, r in res.items():
-        fps = r["frames"] / r["seconds"]
-        m = {int(k): v for k, v in r["marks"].items()}
-        lo, hi = min(m), max(m)
-        growth = (m[hi] - m[lo]) / m[lo]
-        gpu = f", peak GPU {r['peak_gpu'] / 2**20:7.1f} MiB" if r["peak_gpu"] is not None else ""
-        print(
-            f"  {which:5s}: {fps:6.2f} frames/s ({r['seconds']:.1f} s), peak RSS {r['peak_rss'] / 2**20:7.1f} MiB{gpu}, "
-            f"RSS frame {lo} -> {hi}: {growth:+.1%}"
-        )
-    ratio = (res["ours"]["frames"] / res["ours"]["seconds"]) / (res["meta"]["frames"] / res["meta"]["seconds"])
-    print(f"  throughput ours / meta: {ratio:.2f}x (goal >= 1.2x);  peak RSS ours / meta: "
-          f"{res['ours']['peak_rss'] / res['meta']['peak_rss']:.2f}")
+    for i in range(rounds):
+        for which in runs:
+            r = runs[which][i]
+            m = {int(k): v for k, v in r["marks"].items()}
+            lo, hi = min(m), max(m)
+            gpu = f", peak GPU {r['peak_gpu'] / 2**20:7.1f} MiB" if r["peak_gpu"] is not None else ""
+            print(
+                f"  {which:5s}: {fps(r):6.2f} frames/s ({r['seconds']:.1f} s), peak RSS {r['peak_rss'] / 2**20:7.1f} MiB"
+                f"{gpu}, RSS frame {lo} -> {hi}: {(m[hi] - m[lo]) / m[lo]:+.1%}"
+            )
+    ratios = sorted(fps(o) / fps(m) for o, m in zip(runs["ours"], runs["meta"]))
+    spread = f" (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})" if rounds > 1 else ""
+    peak = max(r["peak_rss"] for r in runs["ours"]) / max(r["peak_rss"] for r in runs["meta"])
+    print(f"  throughput ours / meta: {statistics.median(ratios):.2f}x{spread} (goal >= 1.2x);  "
+          f"peak RSS ours / meta: {peak:.2f}")
+
+
+def bench_precision(n: int, size: int, threads: int, hw: tuple[int, int], device: str, rounds: int) -> None:
+    """``annotate`` in float32 vs under bf16 autocast, alternating, on the same clip."""
+    h, w = hw
+    runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "clip"
+        make_clip(folder, n, h, w)
+        for _ in range(rounds):
+            for precision in runs:
+                runs[precision].append(run_worker("ours", folder, n, size, threads, hw, device, precision))
+    native = "native bf16" if cpu_has_native_bf16() else "NO native bf16 (emulated)"
+    print(f"== annotate precision: {n} frames {w}x{h}, image_size {size}, {runs['fp32'][0]['device']} ({native}), "
+          f"{threads} CPU threads, {rounds} round(s)")
+    for precision, rs in runs.items():
+        print(f"  {precision}: " + ", ".join(f"{fps(r):6.2f}" for r in rs) + " frames/s")
+    ratios = sorted(fps(b) / fps(f) for f, b in zip(runs["fp32"], runs["bf16"]))
+    print(f"  bf16 / fp32: {statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+
+def cpu_has_native_bf16() -> bool:
+    from tracker.model import cpu_has_native_bf16 as check
+
+    return check()
+
+
+def fps(run: dict) -> float:
+    return run["frames"] / run["seconds"]
 
 
 def bench_images(count: int, size: int) -> None:
@@ -152,19 +193,22 @@ def bench_images(count: int, size: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="+", choices=["video", "images"])
+    ap.add_argument("parts", nargs="+", choices=["video", "precision", "images"])
     ap.add_argument("--frames", type=int, default=3000)
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--size", default="160x120", help="video frames' WIDTHxHEIGHT (default 160x120)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate ours and Meta's this many times (median ratio)")
     ap.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16, for both predictors (default auto)")
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.lower().split("x"))
     for part in args.parts:
         if part == "video":
-            bench_video(args.frames, args.image_size, args.threads, (h, w), args.device, args.precision)
+            bench_video(args.frames, args.image_size, args.threads, (h, w), args.device, args.precision, args.rounds)
+        elif part == "precision":
+            bench_precision(args.frames, args.image_size, args.threads, (h, w), args.device, args.rounds)
         else:
             bench_images(args.images, args.image_size)
 
