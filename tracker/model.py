@@ -136,6 +136,7 @@ def autocast_context(device: torch.device, precision: str = "auto") -> contextli
     """
     if precision == "fp32":
         return contextlib.nullcontext()
+    # fp16 on the CPU only happens to a CUDA model's CPU fallback copy: float32 there
     if precision == "auto" or (precision == "fp16" and device.type == "cpu"):
         if device.type != "cuda":
             return contextlib.nullcontext()
