@@ -119,8 +119,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config.check()
 
     def load(key: str, m: ModelEntry) -> Any:
-        logger.info("loading model %s (%s%s on %s%s)", key, m.name, f" at {m.image_size} px" if m.image_size else "",
-                    m.device, f" from {m.checkpoint}" if m.checkpoint else "")
+        logger.info("loading model %s (%s%s on %s%s%s)", key, m.name, f" at {m.image_size} px" if m.image_size else "",
+                    m.device, f", {m.precision}" if m.precision != "auto" else "",
+                    f" from {m.checkpoint}" if m.checkpoint else "")
         return build_model(
             m.name,
             checkpoint=config.resolve(m.checkpoint) if m.checkpoint else None,

@@ -540,7 +540,8 @@ def test_a_file_source_loops_as_a_camera(model, tmp_path):
 
 def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
     config = tmp_path / "server.toml"
-    config.write_text('[models.second]\nname = "sam2.1-tiny"\nimage_size = 256\nrandom_weights = 1\ndevice = "cpu"\n')
+    config.write_text('[models.second]\nname = "sam2.1-tiny"\nimage_size = 256\nrandom_weights = 1\ndevice = "cpu"\n'
+                      'precision = "bf16"\n')
     cmd = [sys.executable, "-m", "server.cli", "serve", "--random-weights", "0", "--image-size", "256",
            "--port", "0", "--source", "cam=push:cam", "--device", "cpu", "--config", str(config), "--cpu-fallback"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -572,7 +573,7 @@ def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
             proc.wait()
     log = "".join(lines)
     for text in ("loading model sam2.1-tiny (sam2.1-tiny at 256 px on cpu)",
-                 "loading model second (sam2.1-tiny at 256 px on cpu)", "on cpu (also: second)", "operator page: http://127.0.0.1:", "client 1 connected",
+                 "loading model second (sam2.1-tiny at 256 px on cpu, bf16)", "on cpu (also: second)", "operator page: http://127.0.0.1:", "client 1 connected",
                  "signal received; stopping",
                  "shutting down: closing 1 session(s), 1 client(s)", "stopped"):
         assert text in log, log
