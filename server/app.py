@@ -61,6 +61,7 @@ from server.protocol import (
     SessionInfo,
     SessionStatsInfo,
 )
+from tracker.model import model_precision
 from tracker.session import InferenceWorker, OptionError, SessionLimits, SessionManager, TrackingSession
 
 logger = logging.getLogger("sam2-stream.server")
@@ -496,7 +497,12 @@ class TrackingServer:
 
     def model_info(self, name: str) -> ModelInfo:
         net = self.models[name]
-        return ModelInfo(name=name, image_size=int(net.image_size), device=str(next(net.parameters()).device))
+        return ModelInfo(
+            name=name,
+            image_size=int(net.image_size),
+            device=str(next(net.parameters()).device),
+            precision=model_precision(net),
+        )
 
     def features(self) -> list[str]:
         """Optional requests served here: the WebRTC ones when aiortc is installed and allowed."""

@@ -409,6 +409,7 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     name: str
     image_size: int
     device: str
+    precision: str = "auto"  # the autocast it runs under (tracker.model.PRECISIONS)
 
 
 class LimitsInfo(msgspec.Struct, kw_only=True):

@@ -560,7 +560,7 @@ def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
         threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
         c = Raw(url)
         assert c.hello["sources"] == ["cam"]
-        assert [m["name"] for m in c.hello["models"]] == ["sam2.1-tiny", "second"]
+        assert [(m["name"], m["precision"]) for m in c.hello["models"]] == [("sam2.1-tiny", "auto"), ("second", "bf16")]
         status, page, _ = http_get(url.replace("ws://", "http://"))
         assert status == 200 and page.startswith("<!doctype html>")  # the operator page
         assert c.request("open", source="cam", model="second")["session"]["model"] == "second"
