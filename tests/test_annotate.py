@@ -198,3 +198,62 @@ def test_prepared_frame_encodes_like_the_array(model, clip):
     assert len(fa.backbone_fpn) == len(fb.backbone_fpn)
     for x, y in zip(fa.backbone_fpn, fb.backbone_fpn):
         assert torch.equal(x, y)
+
+
+def test_mask_prompts_from_one_label_map_equal_meta(model, clip, tmp_path):
+    """DAVIS / YouTube-VOS give every object of the first frame in one palette PNG:
+    ``mask_index`` takes one object out of it."""
+    from tracker.masks import encode_label_png
+
+    k = 5
+    yy, xx = np.mgrid[0:H, 0:W]
+    label = np.zeros((H, W), np.uint8)
+    for obj, index in ((0, 1), (1, 2)):
+        cx, cy = centre(obj, k)
+        label[(np.abs(xx - cx) <= 12) & (np.abs(yy - cy) <= 12)] = index
+    (tmp_path / "00005.png").write_bytes(encode_label_png(label))
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps({"prompts": [
+        {"obj_id": 1, "frame": k, "mask": "00005.png", "mask_index": 1},
+        {"obj_id": 2, "frame": k, "mask": "00005.png", "mask_index": 2},
+    ]}))
+    prompts = load_prompts(f)
+    assert [(p.obj_id, p.mask_index) for p in prompts] == [(1, 1), (2, 2)]
+    results = {r.frame_idx: r for r in annotate(str(clip), prompts, model=model)}
+    assert sorted(results) == list(range(N))
+    state = model.init_state(str(clip))
+    for obj_id in (1, 2):
+        model.add_new_mask(state, k, obj_id, label == obj_id)
+    compared = set()
+    for reverse in (False, True):
+        for f_idx, ids, masks in model.propagate_in_video(state, reverse=reverse):
+            for i, obj_id in enumerate(ids):
+                diff = float(np.abs(results[f_idx].objects[obj_id].logits_hw - masks[i, 0].numpy()).max())
+                assert diff <= TOL, f"frame {f_idx} object {obj_id}: {diff}"
+                compared.add((f_idx, obj_id))
+    assert len(compared) == 2 * N
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    ({"mask_index": 1, "points": [[1, 1]]}, "mask_index must be an integer 1-255 next to a mask, got 1"),
+    ({"mask": "l.png", "mask_index": 0}, "mask_index must be an integer 1-255 next to a mask, got 0"),
+    ({"mask": "l.png", "mask_index": "2"}, "mask_index must be an integer 1-255 next to a mask, got '2'"),
+])
+def test_bad_mask_index_refused_when_read(entry, expected, tmp_path):
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps({"prompts": [{"obj_id": 1, "frame": 0, **entry}]}))
+    with pytest.raises(PromptError) as err:
+        load_prompts(f)
+    assert str(err.value) == f"prompts file {f}, prompt 0: {expected}"
+
+
+def test_label_map_without_the_index_refused_before_work(model, clip, tmp_path):
+    from tracker.masks import encode_label_png
+
+    label = np.zeros((H, W), np.uint8)
+    label[10:20, 10:20] = 1
+    (tmp_path / "l.png").write_bytes(encode_label_png(label))
+    prompts = [Prompt(1, 0, mask_path=tmp_path / "l.png", mask_index=3)]
+    with pytest.raises(PromptError) as err:
+        next(annotate(str(clip), prompts, model=model))
+    assert str(err.value) == f"mask {tmp_path / 'l.png'} has no pixels of index 3"

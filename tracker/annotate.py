@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from tracker.errors import PromptError, SourceError, TrackerError
+from tracker.errors import MaskError, PromptError, SourceError, TrackerError
 from tracker.predictor import PreparedFrame, StreamingPredictor
 from tracker.prompts import check_prompt
 from tracker.results import FrameResult, ObjectResult
@@ -65,6 +65,9 @@ class Prompt:
     labels: list[int] | None = None
     box_xyxy: list[float] | None = None
     mask_path: Path | None = None
+    #: take the pixels of this index from a palette/gray label map (DAVIS,
+    #: YouTube-VOS annotations hold every object in one PNG); None: any non-zero
+    mask_index: int | None = None
 
 
 def load_prompts(path: str | os.PathLike) -> list[Prompt]:
@@ -72,8 +75,10 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
 
     ``{"prompts": [{"obj_id": 1, "frame": 0, "points": [[x, y]], "labels": [1]},
     {"obj_id": 2, "frame": 12, "box": [x0, y0, x1, y1]}, {"obj_id": 3, "frame": 0,
-    "mask": "masks/obj3.png"}]}``; a bare list works too. Mask paths are relative
-    to the prompts file.
+    "mask": "masks/obj3.png"}, {"obj_id": 4, "frame": 0, "mask": "00000.png",
+    "mask_index": 4}]}``; a bare list works too. Mask paths are relative to the
+    prompts file; ``mask_index`` picks one object out of a label map (a DAVIS or
+    YouTube-VOS annotation PNG), else every non-zero pixel is the object.
     """
     path = Path(path)
     try:
@@ -90,7 +95,7 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
         where = f"prompts file {path}, prompt {i}"
         if not isinstance(item, dict):
             raise PromptError(f"{where}: expected an object, got {type(item).__name__}")
-        unknown = set(item) - {"obj_id", "frame", "points", "labels", "box", "mask"}
+        unknown = set(item) - {"obj_id", "frame", "points", "labels", "box", "mask", "mask_index"}
         if unknown:
             raise PromptError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         try:
@@ -104,9 +109,13 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
         points, labels = item.get("points"), item.get("labels")
         if points is not None and labels is None:
             labels = [1] * len(points)
-        mask = item.get("mask")
+        mask, mask_index = item.get("mask"), item.get("mask_index")
         if points is None and item.get("box") is None and mask is None:
             raise PromptError(f"{where}: needs points, a box or a mask")
+        if mask_index is not None and (
+            mask is None or not isinstance(mask_index, int) or isinstance(mask_index, bool) or not 1 <= mask_index <= 255
+        ):
+            raise PromptError(f"{where}: mask_index must be an integer 1-255 next to a mask, got {mask_index!r}")
         prompts.append(
             Prompt(
                 obj_id=obj_id,
@@ -115,20 +124,27 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
                 labels=labels,
                 box_xyxy=item.get("box"),
                 mask_path=(path.parent / mask) if mask is not None else None,
+                mask_index=mask_index,
             )
         )
     return prompts
 
 
-def _read_mask(path: Path, size_hw: tuple[int, int]) -> np.ndarray:
-    from tracker.masks import decode_png
+def _read_mask(path: Path, size_hw: tuple[int, int], index: int | None = None) -> np.ndarray:
+    from tracker.masks import decode_label_png, decode_png
 
     try:
-        mask = decode_png(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PromptError(f"mask file {path} not found") from None
+    try:
+        mask = decode_png(data) if index is None else decode_label_png(data) == index
+    except MaskError as e:
+        raise PromptError(f"mask {path}: {e}") from None
     if mask.shape != size_hw:
         raise PromptError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but the video is {size_hw[1]}x{size_hw[0]}")
+    if index is not None and not mask.any():
+        raise PromptError(f"mask {path} has no pixels of index {index}")
     return mask
 
 
@@ -506,7 +522,7 @@ def _validate_prompts(
     for f, prompts in plan.prompts_by_frame.items():
         size_hw = frames[f][1]
         for p in _merge(prompts):
-            mask = _read_mask(p.mask_path, size_hw) if p.mask_path is not None else None
+            mask = _read_mask(p.mask_path, size_hw, p.mask_index) if p.mask_path is not None else None
             try:
                 check_prompt(size_hw, p.points_xy, p.labels, p.box_xyxy, mask)
             except PromptError as e:
