@@ -105,17 +105,25 @@ def run_worker(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def alternate(
+    contenders: dict[str, tuple[str, str]], n: int, size: int, threads: int, hw: tuple[int, int], device: str, rounds: int
+) -> dict[str, list[dict]]:
+    """Run each contender (label: (which, precision)) once per round, in turn, on one clip."""
+    runs: dict[str, list[dict]] = {label: [] for label in contenders}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "clip"
+        make_clip(folder, n, *hw)
+        for _ in range(rounds):
+            for label, (which, precision) in contenders.items():
+                runs[label].append(run_worker(which, folder, n, size, threads, hw, device, precision))
+    return runs
+
+
 def bench_video(n: int, size: int, threads: int, hw: tuple[int, int], device: str, precision: str, rounds: int) -> None:
     """``rounds`` > 1 alternates the two (ours, meta, ours, meta, ...): on a shared
     machine speed drifts by 10% within minutes, so one run each can mislead."""
     h, w = hw
-    runs: dict[str, list[dict]] = {"ours": [], "meta": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "clip"
-        make_clip(folder, n, h, w)
-        for _ in range(rounds):
-            for which in runs:
-                runs[which].append(run_worker(which, folder, n, size, threads, hw, device, precision))
+    runs = alternate({"ours": ("ours", precision), "meta": ("meta", precision)}, n, size, threads, hw, device, rounds)
     print(
         f"== annotate: {n} frames {w}x{h} (JPEG folder), sam2.1-tiny random weights, image_size {size}, "
         f"{runs['ours'][0]['device']}, precision {precision}, {threads} CPU threads, {rounds} round(s)"
@@ -140,13 +148,7 @@ def bench_video(n: int, size: int, threads: int, hw: tuple[int, int], device: st
 def bench_precision(n: int, size: int, threads: int, hw: tuple[int, int], device: str, rounds: int) -> None:
     """``annotate`` in float32 vs under bf16 autocast, alternating, on the same clip."""
     h, w = hw
-    runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "clip"
-        make_clip(folder, n, h, w)
-        for _ in range(rounds):
-            for precision in runs:
-                runs[precision].append(run_worker("ours", folder, n, size, threads, hw, device, precision))
+    runs = alternate({"fp32": ("ours", "fp32"), "bf16": ("ours", "bf16")}, n, size, threads, hw, device, rounds)
     native = "native bf16" if cpu_has_native_bf16() else "NO native bf16 (emulated)"
     print(f"== annotate precision: {n} frames {w}x{h}, image_size {size}, {runs['fp32'][0]['device']} ({native}), "
           f"{threads} CPU threads, {rounds} round(s)")
