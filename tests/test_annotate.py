@@ -257,3 +257,18 @@ def test_label_map_without_the_index_refused_before_work(model, clip, tmp_path):
     with pytest.raises(PromptError) as err:
         next(annotate(str(clip), prompts, model=model))
     assert str(err.value) == f"mask {tmp_path / 'l.png'} has no pixels of index 3"
+
+
+def test_each_frame_encoded_once(model, clip, monkeypatch):
+    """The prompted frame's features from the prompt pass are reused, not computed again."""
+    encoded = []
+    forward_image = model.forward_image
+
+    def counting(img):
+        encoded.append(img.shape[0])
+        return forward_image(img)
+
+    monkeypatch.setattr(model, "forward_image", counting)
+    results = list(annotate(str(clip), [Prompt(1, 8, points_xy=[centre(0, 8)], labels=[1])], model=model))
+    assert len(results) == N
+    assert sum(encoded) == N

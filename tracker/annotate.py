@@ -336,7 +336,8 @@ def annotate(
                     store.put(idx, ahead.frame.image, ahead.frame.source_size, ahead.pts_s)
                     if idx < start or idx <= done_upto:
                         continue
-                    predictor.encode(idx, ahead.frame, pts_s=ahead.pts_s, source_index=ahead.source_index)
+                    if idx not in predictor.prompt_frames:  # a prompted frame encoded in pass 1 may still be held
+                        predictor.encode(idx, ahead.frame, pts_s=ahead.pts_s, source_index=ahead.source_index)
                     active = [o for o in plan.obj_ids if plan.first_frame[o] <= idx]
                     result = predictor.propagate(idx, obj_ids=active)
                     stats.forward_frames += 1
