@@ -185,7 +185,8 @@ def test_prepared_frame_encodes_like_the_array(model, clip):
     """The read-ahead path (resize on another thread, then encode) gives the same features."""
     from PIL import Image
 
-    from tracker.predictor import StreamingPredictor
+    from tracker.errors import FrameError
+    from tracker.predictor import PreparedFrame, StreamingPredictor
 
     image = np.array(Image.open(sorted(clip.iterdir())[0]).convert("RGB"))
     a, b = StreamingPredictor(model), StreamingPredictor(model)
@@ -193,6 +194,9 @@ def test_prepared_frame_encodes_like_the_array(model, clip):
     prepared = b.prepare_frame(image)
     assert prepared.source_size == (H, W) and prepared.image.shape == (a.image_size, a.image_size, 3)
     b.encode(0, prepared)
+    with pytest.raises(FrameError) as err:
+        a.encode(1, PreparedFrame(image[:64, :64], torch.from_numpy(image[:64, :64]), (H, W)))
+    assert str(err.value) == "prepared frame is 64x64, this model takes 256x256: prepare it with this predictor"
     fa, fb = a._frames[0], b._frames[0]
     assert fa.source_hw == fb.source_hw == (H, W)
     assert len(fa.backbone_fpn) == len(fb.backbone_fpn)

@@ -545,6 +545,11 @@ class StreamingPredictor:
     def to_model_input(self, image_rgb: np.ndarray | torch.Tensor | PreparedFrame) -> torch.Tensor:
         """HxWx3 uint8 RGB → 1x3xSxS normalised, as Meta's ``load_video_frames`` does."""
         if isinstance(image_rgb, PreparedFrame):
+            if image_rgb.image.shape[:2] != (self.image_size, self.image_size):
+                raise FrameError(
+                    f"prepared frame is {image_rgb.image.shape[1]}x{image_rgb.image.shape[0]}, "
+                    f"this model takes {self.image_size}x{self.image_size}: prepare it with this predictor"
+                )
             pixels = image_rgb.pixels.to(self.device, non_blocking=True)
         else:
             pixels = torch.from_numpy(self.prepare(image_rgb)).to(self.device)
