@@ -147,6 +147,8 @@ def bench_video(n: int, size: int, threads: int, hw: tuple[int, int], device: st
 
 def bench_precision(n: int, size: int, threads: int, hw: tuple[int, int], device: str, rounds: int) -> None:
     """``annotate`` in float32 vs under bf16 autocast, alternating, on the same clip."""
+    from tracker.model import cpu_has_native_bf16
+
     h, w = hw
     runs = alternate({"fp32": ("ours", "fp32"), "bf16": ("ours", "bf16")}, n, size, threads, hw, device, rounds)
     native = "native bf16" if cpu_has_native_bf16() else "NO native bf16 (emulated)"
@@ -156,12 +158,6 @@ def bench_precision(n: int, size: int, threads: int, hw: tuple[int, int], device
         print(f"  {precision}: " + ", ".join(f"{fps(r):6.2f}" for r in rs) + " frames/s")
     ratios = sorted(fps(b) / fps(f) for f, b in zip(runs["fp32"], runs["bf16"]))
     print(f"  bf16 / fp32: {statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
-
-
-def cpu_has_native_bf16() -> bool:
-    from tracker.model import cpu_has_native_bf16 as check
-
-    return check()
 
 
 def fps(run: dict) -> float:

@@ -66,6 +66,20 @@ def test_precision_choices():
     assert net.autocast_precision == "bf16"
 
 
+def test_precision_choices_agree_everywhere():
+    """The CLI and the server config spell the choices out (neither imports torch)."""
+    import typing
+
+    from server.config import ModelEntry
+    from tracker.cli import build_parser
+    from tracker.model import PRECISIONS
+
+    assert typing.get_args(typing.get_type_hints(ModelEntry)["precision"]) == PRECISIONS
+    for precision in PRECISIONS:
+        args = build_parser().parse_args(["annotate", "v.mp4", "--prompts", "p.json", "--out", "o", "--precision", precision])
+        assert args.precision == precision
+
+
 def test_random_weights_are_seeded():
     a = model_state_dict(build_model("sam2.1-tiny", random_weights_seed=3, device="cpu", image_size=256))
     b = model_state_dict(build_model("sam2.1-tiny", random_weights_seed=3, device="cpu", image_size=256))
