@@ -191,9 +191,10 @@ class _FrameStore:
             self.meta[idx] = (source_hw, pts_s)
 
     def get(self, idx: int) -> tuple[np.ndarray, tuple[int, int], float | None]:
+        """The frame as a view into the store (``prepare_frame`` copies it)."""
         assert self.array is not None
         source_hw, pts_s = self.meta[idx]
-        return np.array(self.array[idx]), source_hw, pts_s
+        return self.array[idx], source_hw, pts_s
 
     def close(self) -> None:
         self.array = None
