@@ -171,6 +171,8 @@ class TrackingServer:
                 max_objects=cfg.limits.max_objects,
                 lost_after_frames=cfg.limits.lost_after_frames,
                 idle_timeout_s=cfg.limits.idle_timeout_s,
+                max_points_per_frame=cfg.limits.max_points_per_frame,
+                prompts_per_step=cfg.limits.prompts_per_step,
             ),
             predictor_options={"return_logits": False},
             models=self.models,

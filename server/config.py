@@ -92,6 +92,12 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: asyncio write buffer per client before a send waits (and newer frames replace older)
     write_limit_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 256
+    #: WebSocket connections from one IP address at most, so sockets from one
+    #: address cannot take every ``max_clients`` slot
+    max_clients_per_address: Annotated[int, msgspec.Meta(ge=1)] = 16
+    #: a client whose socket takes no data for this long (its send buffer full:
+    #: it stopped reading) is closed with 1008 and its slot freed
+    send_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 20.0
     #: a status line in the log this often while sessions run (0: never)
     log_every_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
@@ -130,6 +136,14 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prompt_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     #: replies/events waiting for a client that does not read; beyond it the client is closed
     max_pending_messages: Annotated[int, msgspec.Meta(ge=8)] = 256
+    #: opens (``open``, ``webrtc_publish``) one client may have in flight at once
+    max_opens_in_flight: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    #: points one object may accumulate on one frame (prompts with
+    #: ``clear_old_points: false`` add up); beyond it a prompt is refused
+    max_points_per_frame: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64
+    #: prompt/control commands the inference worker runs per session between two
+    #: frame steps, so one session's prompts cannot starve other sessions' frames
+    prompts_per_step: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
 
 class PolicySection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

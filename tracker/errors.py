@@ -17,7 +17,8 @@ serving everyone else::
         ├── SourceNotFoundError       file / device does not exist
         ├── SourceUnsupportedError    no decoder / container / no video stream
         ├── SourceConnectionError     host unreachable, timeout, auth failure
-        └── SourceNotAllowedError     refused by the server-side allowlist
+        ├── SourceNotAllowedError     refused by the server-side allowlist
+        └── SourceOptionError         a source option outside its range (names the option)
 
 Defined next to their users, on the same root: ``tracker.session.SessionError``
 (session limits, closed or unknown sessions) and, in the ``server`` package
@@ -85,3 +86,15 @@ class SourceConnectionError(SourceError):
 
 class SourceNotAllowedError(SourceError):
     """A source was refused by the server-side allowlist."""
+
+
+class SourceOptionError(SourceError, ValueError):
+    """A source option has a value outside its documented range (or the server's cap).
+
+    ``option`` names it (``"timeout_s"``), so a server can answer with the field
+    at fault; the message gives the range.
+    """
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option

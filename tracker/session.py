@@ -104,6 +104,10 @@ class SessionLimits:
     max_objects: int = 16
     lost_after_frames: int = 15
     idle_timeout_s: float = 60.0
+    #: points one object may accumulate on one frame (over all its prompts there)
+    max_points_per_frame: int = 64
+    #: prompt/control commands the worker runs for this session between frame steps
+    prompts_per_step: int = 1
 
 
 @dataclass
@@ -716,6 +720,8 @@ class SessionManager:
             max_objects=int(options.pop("max_objects", self.limits.max_objects)),
             lost_after_frames=int(options.pop("lost_after_frames", self.limits.lost_after_frames)),
             idle_timeout_s=self.limits.idle_timeout_s,
+            max_points_per_frame=self.limits.max_points_per_frame,
+            prompts_per_step=self.limits.prompts_per_step,
         )
         predictor_options = {**self.predictor_options, **options}
         with self._lock:
