@@ -34,7 +34,10 @@ pytestmark = pytest.mark.network
 
 TINY = "sam2.1-tiny"
 TINY_FILE = "sam2.1_hiera_tiny.pt"
-HINT = "download {url} and save it as {path}, or pass --checkpoint PATH"
+HINT = (
+    "download {url} and save it as {path}, or pass --checkpoint PATH, or add --random-weights 0 to try the "
+    "pipeline without a checkpoint (random weights: meaningless masks)"
+)
 
 
 class _Server(ThreadingHTTPServer):
@@ -363,7 +366,7 @@ def test_download_off_and_not_cached(cache: Path) -> None:
         resolve_checkpoint("sam2.1-large", download=False)
     assert str(e.value) == (
         "checkpoint sam2.1-large is not in the cache and downloading is off; "
-        f"download {info.url} and save it as {cache / 'sam2.1_hiera_large.pt'}, or pass --checkpoint PATH"
+        + HINT.format(url=info.url, path=cache / "sam2.1_hiera_large.pt")
     )
 
 

@@ -222,3 +222,24 @@ def test_unknown_format_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["annotate", "v.mp4", "--prompts", "p.json", "--out", "o", "--format", "png"])
     assert "invalid choice: 'png'" in capsys.readouterr().err
+
+
+def test_first_run_without_network_names_the_url_the_cache_checkpoint_and_random_weights(tmp_path, monkeypatch, caplog):
+    """No network (here: nothing listens where the checkpoint would come from)."""
+    from PIL import Image
+
+    from tests.videogen import free_port
+
+    port = free_port()
+    monkeypatch.setenv("SAM2_STREAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SAM2_STREAM_CHECKPOINT_URL", f"http://127.0.0.1:{port}")
+    image = tmp_path / "a.png"
+    Image.fromarray(moving_shapes(1, H, W)[0]).save(image)
+    assert main(["segment", str(image), "--point", "10,10", "--device", "cpu", "--image-size", "256"]) == 2
+    url = f"http://127.0.0.1:{port}/092824/sam2.1_hiera_tiny.pt"
+    assert caplog.messages[-1] == (
+        f"cannot download {url}: connection refused; download {url} and save it as "
+        f"{tmp_path / 'cache' / 'sam2.1_hiera_tiny.pt'}, or pass --checkpoint PATH, or add --random-weights 0 "
+        "to try the pipeline without a checkpoint (random weights: meaningless masks)"
+    )
+    assert not (tmp_path / "cache" / "sam2.1_hiera_tiny.pt").exists()

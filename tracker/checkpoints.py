@@ -50,6 +50,9 @@ BASE_URL_ENV = "SAM2_STREAM_CHECKPOINT_URL"
 CACHE_ENV = "SAM2_STREAM_CACHE"
 #: seconds to wait for the connection and for each read before giving up
 DEFAULT_TIMEOUT_S = 30.0
+#: the way on for someone with no checkpoint at all (no network, first run): every
+#: command takes ``--random-weights SEED``
+RANDOM_WEIGHTS_HINT = "or add --random-weights 0 to try the pipeline without a checkpoint (random weights: meaningless masks)"
 
 _CHUNK_BYTES = 1 << 20
 #: a missing path with one of these endings (or a folder part) is reported as a missing file, not as a bad name
@@ -150,7 +153,9 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def _manual_hint(url: str, path: Path) -> str:
-    return f"download {url} and save it as {path}, or pass --checkpoint PATH"
+    """What to do when the official file cannot be had: fetch it by hand, name another
+    file, or (a newcomer without network) try everything else on random weights."""
+    return f"download {url} and save it as {path}, or pass --checkpoint PATH, {RANDOM_WEIGHTS_HINT}"
 
 
 def _cached_problem(path: Path, info: CheckpointInfo) -> str | None:
