@@ -40,8 +40,9 @@ from tracker.errors import TrackerError
 
 log = logging.getLogger(__name__)
 
-#: Pillow format names opened for untrusted input (MPO: multi-picture JPEGs from phones)
-IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+#: Pillow format names opened for untrusted input ("JPEG" also opens phones'
+#: multi-picture JPEGs, whose format then reads "MPO")
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 #: default pixel limit (width x height): an 8000 x 6000 (48 MP) photo passes
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -156,7 +157,7 @@ def _decode(fp: io.BytesIO, limits: ImageLimits, field: str) -> DecodedImage:
             field=field,
         ) from None
     except Exception as e:  # PIL raises several types for damaged headers
-        raise ImageInputError("corrupt", f"{field}: cannot read the image header: {e}", field=field) from None
+        raise ImageInputError("corrupt", f"{field} is truncated or damaged: {e}", field=field) from None
     with image:
         w, h = image.size
         if w < 1 or h < 1:
