@@ -11,9 +11,12 @@ Shape of the conversation (``protocol_version`` 1):
 
 * server → client, first: ``hello`` (versions, model, mask formats, limits,
   the names of the sources it serves);
-* client → server: requests (JSON text), each with a client-chosen ``id``;
-  every request gets exactly one ``reply`` (``ok: true``) or ``error`` with the
-  same ``id``; on one connection requests are answered in order;
+* client → server: requests (JSON text, arrays/objects nested at most
+  :data:`MAX_DEPTH` deep), each with a client-chosen ``id``; every request
+  gets exactly one ``reply`` (``ok: true``) or ``error`` with the same ``id``;
+  on one connection requests are answered in order, except ``open`` and
+  ``webrtc_publish``, which are answered when their source is ready (a few
+  at once per connection: ``max_opens_in_flight``);
 * server → client pushes: ``frame`` (one per processed frame per subscribed
   session; JSON text, or a binary frame when the subscription asked for PNG
   masks) and ``event`` (object lost/found, source and session state).
@@ -31,6 +34,7 @@ client's connection handling (:mod:`server.client`), mask codecs
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import time
@@ -59,18 +63,32 @@ BINARY_MAGIC = b"S2F1"
 
 _MAX_COORD = 1e6
 
+#: deepest nesting of arrays and objects in a client message; a request needs 3
+#: (``points_xy``), so anything deeper is refused before it is parsed
+MAX_DEPTH = 32
+#: points one ``add_points`` / ``add_box`` may carry
+MAX_POINTS_PER_PROMPT = 64
+#: largest integer an ``id`` or a source option may be (exact in a JavaScript number)
+MAX_SAFE_INT = 2**53
+
 RequestId = Union[
-    Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)],
+    Annotated[int, msgspec.Meta(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT)],
     Annotated[str, msgspec.Meta(max_length=64)],
 ]
 SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 ObjId = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
-FrameIdx = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+FrameIdx = Annotated[int, msgspec.Meta(ge=0, le=MAX_SAFE_INT)]
 Coord = Annotated[float, msgspec.Meta(ge=-_MAX_COORD, le=_MAX_COORD)]
 PointXY = tuple[Coord, Coord]
-PointList = Annotated[list[PointXY], msgspec.Meta(min_length=1, max_length=64)]
-LabelList = Annotated[list[Literal[0, 1]], msgspec.Meta(min_length=1, max_length=64)]
-OptionValue = Union[bool, int, float, Annotated[str, msgspec.Meta(max_length=256)]]
+PointList = Annotated[list[PointXY], msgspec.Meta(min_length=1, max_length=MAX_POINTS_PER_PROMPT)]
+LabelList = Annotated[list[Literal[0, 1]], msgspec.Meta(min_length=1, max_length=MAX_POINTS_PER_PROMPT)]
+#: a source option's value; its own range is checked by ``tracker.ingest.parse_source``
+OptionValue = Union[
+    bool,
+    Annotated[int, msgspec.Meta(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT)],
+    float,  # finite: JSON has no inf/nan, and msgspec refuses numbers beyond a double
+    Annotated[str, msgspec.Meta(max_length=256)],
+]
 
 
 class ProtocolError(TrackerError):
@@ -243,18 +261,85 @@ class _Peek(msgspec.Struct):
 
 _peek_decoder = msgspec.json.Decoder(_Peek)
 _id_decoder = msgspec.json.Decoder(RequestId)
-_AT_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_AT_RE = re.compile(r" - at (?:`key` in )?`\$(?P<path>[^`]*)`$")
 _FIELD_RE = re.compile(r"field `(?P<name>[^`]+)`")
 
 
 def _field_of(message: str) -> str | None:
-    """``"Expected `int`, got `str` - at `$.obj_id`"`` → ``"obj_id"``."""
+    """``"Expected `int`, got `str` - at `$.obj_id`"`` → ``"obj_id"``; a value
+    in a mapping (``$.options[...]``, msgspec does not name its key) → ``"options"``."""
     match = _AT_RE.search(message)
-    path = match["path"].lstrip(".") if match else ""
+    path = match["path"].lstrip(".").replace("[...]", "") if match else ""
     named = _FIELD_RE.search(message)
     if named:
         path = f"{path}.{named['name']}" if path else named["name"]
     return path or None
+
+
+#: a backslash and the character it escapes (only strings hold them in JSON)
+_ESCAPE_RE = re.compile(r"\\.", re.S)
+#: one JSON string once escapes are gone; an unterminated one runs to the end,
+#: so neither pattern ever backtracks: linear passes whatever the text
+_BARE_STRING_RE = re.compile(r'"[^"]*(?:"|\Z)')
+_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+#: what :func:`_shallow_id` walks: strings (escapes kept) and brackets
+_TOKEN_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[\[\]{}]', re.S)
+_ID_VALUE_RE = re.compile(r'\s*:\s*(-?[0-9]+(?![0-9.eE])|"[^"\\]*(?:\\.[^"\\]*)*")\s*[,}]', re.S)
+#: the head of a too-deep message :func:`_shallow_id` reads for its id
+_ID_SCAN_CHARS = 4096
+
+
+def nesting_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON ``text``, brackets inside strings not counted.
+
+    A linear scan with regular expressions and no recursion, so it is safe on
+    any input, unlike a recursive parser (msgspec's decoder recurses once per
+    level and raises ``RecursionError`` about 1,000 levels down). Text that is
+    not JSON gets a depth too; the parser refuses it afterwards.
+    """
+    brackets = _NOT_BRACKET_RE.sub("", _BARE_STRING_RE.sub("", _ESCAPE_RE.sub("", text)))
+    return max(0, max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0))
+
+
+def _shallow_id(text: str) -> Any:
+    """The top-level ``id`` of a message too deep to parse, when it is a valid
+    id in its first :data:`_ID_SCAN_CHARS` characters (else None), read
+    without recursion."""
+    depth = 0
+    head = text[:_ID_SCAN_CHARS]
+    for match in _TOKEN_RE.finditer(head):
+        token = match.group()
+        step = _BRACKET_STEP.get(token)
+        if step is not None:
+            depth += step
+        elif depth == 1 and token == '"id"':
+            value = _ID_VALUE_RE.match(head, match.end())
+            if value is None:
+                return None
+            try:
+                return _id_decoder.decode(value.group(1))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return None
+    return None
+
+
+def check_depth(text: str) -> None:
+    """Refuse a message nested deeper than :data:`MAX_DEPTH` before any parser sees it.
+
+    Raises:
+        ProtocolError: ``invalid_message``, with the message's ``id`` when it
+            can be read without parsing the rest.
+    """
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return  # cannot nest deeper than it has brackets: the common case, no scan
+    depth = nesting_depth(text)
+    if depth > MAX_DEPTH:
+        raise ProtocolError(
+            "invalid_message",
+            f"the message nests arrays/objects {depth} levels deep; at most {MAX_DEPTH} are accepted",
+            request_id=_shallow_id(text),
+        )
 
 
 def _peek(data: str | bytes) -> _Peek:
@@ -281,12 +366,14 @@ def parse_request(data: str | bytes) -> AnyRequest:
         ProtocolError: ``binary_not_supported`` (requests are JSON text),
             ``invalid_json``, ``unknown_type``, ``invalid_message`` (schema; the
             message names the field, e.g. ``Expected `int`, got `str` - at
-            `$.obj_id```). ``request_id`` holds the id when it could be read.
+            `$.obj_id```; or nested deeper than :data:`MAX_DEPTH`).
+            ``request_id`` holds the id when it could be read.
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(
             "binary_not_supported", "requests are JSON text messages; binary messages are not accepted"
         )
+    check_depth(data)  # the parser and the error path below recurse once per level
     try:
         request = _request_decoder.decode(data)
     except msgspec.ValidationError as exc:
@@ -413,12 +500,28 @@ class ModelInfo(msgspec.Struct, kw_only=True):
 
 
 class LimitsInfo(msgspec.Struct, kw_only=True):
+    """The server's limits a client runs into (``docs/protocol.md``, "Limits").
+
+    Fields after ``idle_timeout_s`` were added later within protocol version 1;
+    their defaults are the server defaults, so a client reads older servers too.
+    """
+
     max_sessions: int
     max_objects: int
     prompts_per_s: float
     max_message_bytes: int
     lost_after_frames: int
     idle_timeout_s: float
+    #: arrays/objects nested deeper in one message: ``invalid_message``
+    max_depth: int = MAX_DEPTH
+    #: points in one ``add_points`` / ``add_box``
+    max_points_per_prompt: int = MAX_POINTS_PER_PROMPT
+    #: points one object may accumulate on one frame (``clear_old_points: false``)
+    max_points_per_frame: int = 64
+    #: ``open`` / ``webrtc_publish`` requests one connection may have unanswered
+    max_opens_in_flight: int = 2
+    #: a client that reads nothing for this long while messages wait is closed (1008)
+    send_timeout_s: float = 20.0
 
 
 class Hello(msgspec.Struct, tag="hello", tag_field="type", kw_only=True):

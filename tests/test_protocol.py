@@ -1,10 +1,13 @@
 """server.protocol without sockets: request validation with field-naming errors,
-frame encoding round trips for every mask format (RLE checked with pycocotools),
-per-client send stamps, client-side decoding, the prompt rate limiter."""
+the nesting limit (checked without recursion), the bounds of every
+client-settable value, frame encoding round trips for every mask format (RLE
+checked with pycocotools), per-client send stamps, client-side decoding, the
+prompt rate limiter."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import msgspec
 import numpy as np
@@ -129,6 +132,151 @@ def test_error_message_round_trip():
     assert (msg.id, msg.code, msg.field, msg.message) == (4, "invalid_message", "obj_id", "Expected `int` >= 1 - at `$.obj_id`")
 
 
+# ---------------------------------------------------------------- nesting
+
+
+def nested(depth: int, kind: str = "array") -> str:
+    """A JSON value nested ``depth`` levels deep."""
+    if kind == "array":
+        return "[" * depth + "]" * depth
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+DEEP = 1000  # what closed the connection with RecursionError before the limit
+
+
+@pytest.mark.parametrize(
+    "text, request_id",
+    [
+        ('{"type": "list_sessions", "id": %s}' % nested(DEEP), None),  # the id itself is the deep part
+        ('{"type": "open", "id": 7, "source": "x", "options": {"a": %s}}' % nested(DEEP), 7),
+        ('{"type": "open", "id": "o1", "source": "x", "options": %s}' % nested(DEEP, "object"), "o1"),
+        ('{"id": 8, "x": %s, "type": "list_sessions"}' % nested(DEEP), 8),  # before type: a union must skip it
+        ('{"x": %s, "type": "list_sessions", "id": 9}' % nested(DEEP, "object"), None),  # id after 4 KiB of brackets
+        ('{"type": "add_points", "id": 10, "session_id": "s", "points_xy": %s, "labels": [1]}' % nested(DEEP), 10),
+        (nested(DEEP), None),
+        (nested(100_000), None),
+    ],
+)
+def test_deep_nesting_is_an_invalid_message_anywhere(text, request_id):
+    err = parse_error(text)
+    depth = P.nesting_depth(text)
+    assert depth > P.MAX_DEPTH
+    assert (err.code, err.field, err.request_id) == ("invalid_message", None, request_id)
+    assert err.message == f"the message nests arrays/objects {depth} levels deep; at most {P.MAX_DEPTH} are accepted"
+
+
+def test_nesting_up_to_the_limit_reaches_the_schema():
+    inside = nested(P.MAX_DEPTH - 1)  # one level is the message object itself
+    err = parse_error('{"type": "list_sessions", "id": 1, "x": %s}' % inside)
+    assert (err.code, err.field, err.message) == ("invalid_message", "x", "Object contains unknown field `x`")
+    err = parse_error('{"type": "list_sessions", "id": 1, "x": %s}' % nested(P.MAX_DEPTH))
+    assert err.message == f"the message nests arrays/objects {P.MAX_DEPTH + 1} levels deep; at most {P.MAX_DEPTH} are accepted"
+
+
+@pytest.mark.parametrize(
+    "text, depth",
+    [
+        ("", 0),
+        ('{"a": 1}', 1),
+        ('{"a": [[1], [2, [3]]]}', 4),
+        ('{"a": "[[[[{{{{"}', 1),  # brackets in strings do not count
+        ('{"a": "\\\\", "b": [[]]}', 3),  # an escaped backslash: the quote after it ends the string
+        ('{"a": "\\"[[[[", "b": []}', 2),  # an escaped quote does not end the string
+        ('["unterminated [[[[', 1),
+        ("]]]][[", 0),  # not JSON: a parser stops at the first character
+    ],
+)
+def test_nesting_depth_skips_strings(text, depth):
+    assert P.nesting_depth(text) == depth
+
+
+def test_nesting_depth_is_linear_on_hostile_text():
+    """Texts that make a backtracking string pattern quadratic: a 1 MiB scan stays one pass."""
+    mib = 2**20
+    for text in ['"' + '\\"' * (mib // 2), '"' * mib, "[" * mib, '{"a":' + '"a",' * (mib // 4)]:
+        t0 = time.process_time()
+        P.nesting_depth(text)
+        # generous: one linear pass takes ~0.1 s; a quadratic one would take hours
+        assert time.process_time() - t0 < 10
+
+
+# ---------------------------------------------------------------- bounds of client-settable values
+
+
+@pytest.mark.parametrize(
+    "fields, field, message",
+    [
+        ({"type": "open", "source": "x", "options": {"timeout_s": 2**53 + 1}}, "options",
+         "Expected `int` <= 9007199254740992 - at `$.options[...]`"),
+        ({"type": "open", "source": "x", "options": {"resize": "x" * 257}}, "options",
+         "Expected `str` of length <= 256 - at `$.options[...]`"),
+        ({"type": "open", "source": "x", "options": {"k" * 65: 1}}, "options",
+         "Expected `str` of length <= 64 - at `key` in `$.options`"),
+        ({"type": "open", "source": "x", "options": {str(k): k for k in range(17)}}, "options",
+         "Expected `object` of length <= 16 - at `$.options`"),
+        ({"type": "open", "source": "x", "options": {"a": [1]}}, "options",
+         "Expected `bool | int | float | str`, got `array` - at `$.options[...]`"),
+        ({"type": "open", "source": "x" * 2049}, "source", "Expected `str` of length <= 2048 - at `$.source`"),
+        ({"type": "open", "source": "x", "tracking": {"prompt_window_s": 61}}, "tracking.prompt_window_s",
+         "Expected `float` <= 60.0 - at `$.tracking.prompt_window_s`"),
+        ({"type": "open", "source": "x", "tracking": {"max_prompt_frames": 601}}, "tracking.max_prompt_frames",
+         "Expected `int` <= 600 - at `$.tracking.max_prompt_frames`"),
+        ({"type": "open", "source": "x", "tracking": {"max_cond_frames": 1}}, "tracking.max_cond_frames",
+         "Expected `int` >= 2 - at `$.tracking.max_cond_frames`"),
+        ({"type": "open", "source": "x", "tracking": {"lost_after_frames": 100_001}}, "tracking.lost_after_frames",
+         "Expected `int` <= 100000 - at `$.tracking.lost_after_frames`"),
+        ({"type": "open", "source": "x", "tracking": {"max_objects": 0}}, "tracking.max_objects",
+         "Expected `int` >= 1 - at `$.tracking.max_objects`"),
+        ({"type": "add_points", "session_id": "s", "points_xy": [[1, 1]], "labels": [1], "frame_idx": 2**53 + 1},
+         "frame_idx", "Expected `int` <= 9007199254740992 - at `$.frame_idx`"),
+        ({"type": "add_points", "session_id": "s", "points_xy": [[1, 1]], "labels": [1], "frame_idx": -1},
+         "frame_idx", "Expected `int` >= 0 - at `$.frame_idx`"),
+        ({"type": "add_points", "session_id": "s", "points_xy": [[1, 1]], "labels": [1], "obj_id": 2**31},
+         "obj_id", "Expected `int` <= 2147483647 - at `$.obj_id`"),
+        ({"type": "add_points", "session_id": "s", "points_xy": [[1, 1]] * 65, "labels": [1] * 65},
+         "points_xy", "Expected `array` of length <= 64 - at `$.points_xy`"),
+        ({"type": "add_box", "session_id": "s", "box_xyxy": [0, 0, 1, -1e6 - 1]},
+         "box_xyxy[3]", "Expected `float` >= -1000000.0 - at `$.box_xyxy[3]`"),
+        ({"type": "remove_object", "session_id": "s", "obj_id": 2**31}, "obj_id",
+         "Expected `int` <= 2147483647 - at `$.obj_id`"),
+        ({"type": "subscribe", "session_id": "s" * 65}, "session_id", "Expected `str` of length <= 64 - at `$.session_id`"),
+        ({"type": "subscribe", "session_id": ""}, "session_id", "Expected `str` of length >= 1 - at `$.session_id`"),
+        ({"type": "webrtc_view", "session_id": "s", "offer": {"sdp": "v" * (64 * 1024 + 1), "type": "offer"}},
+         "offer.sdp", "Expected `str` of length <= 65536 - at `$.offer.sdp`"),
+    ],
+)
+def test_every_client_value_has_a_bound(fields, field, message):
+    err = parse_error(json.dumps({"id": 1, **fields}))
+    assert (err.code, err.field, err.message) == ("invalid_message", field, message)
+    assert err.request_id == 1
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1" + "0" * 5000])
+def test_numbers_beyond_a_double_or_int64_are_refused_not_overflowed(number):
+    for text in (
+        '{"type": "open", "id": 1, "source": "x", "options": {"timeout_s": %s}}' % number,
+        '{"type": "add_points", "id": 1, "session_id": "s", "points_xy": [[%s, 1]], "labels": [1]}' % number,
+        '{"type": "open", "id": 1, "source": "x", "tracking": {"prompt_window_s": %s}}' % number,
+    ):
+        err = parse_error(text)
+        assert err.code == "invalid_message" and err.request_id == 1
+        assert err.message.startswith(("Number out of range", "Integer value out of range", "Expected `"))
+
+
+def test_the_largest_accepted_values_parse():
+    big = P.parse_request(json.dumps({
+        "type": "open", "id": 2**53, "source": "x" * 2048, "options": {"timeout_s": 1e308, "n": -(2**53)},
+        "tracking": {"prompt_window_s": 60, "max_prompt_frames": 600, "max_cond_frames": 64, "lost_after_frames": 100_000},
+    }))
+    assert big.id == 2**53 and big.options == {"timeout_s": 1e308, "n": -(2**53)}  # the option's own range is the source's
+    prompt = P.parse_request(json.dumps({
+        "type": "add_points", "id": -(2**53), "session_id": "s" * 64, "points_xy": [[1e6, -1e6]] * 64, "labels": [1] * 64,
+        "obj_id": 2**31 - 1, "frame_idx": 2**53,
+    }))
+    assert prompt.obj_id == 2**31 - 1 and prompt.frame_idx == 2**53 and len(prompt.points_xy) == 64
+
+
 # ---------------------------------------------------------------- frames
 
 
@@ -238,6 +386,12 @@ def test_hello_carries_the_protocol_version():
     raw = msgspec.json.decode(P.encode(hello))
     assert raw["type"] == "hello" and raw["protocol_version"] == 1 and raw["mask_formats"] == ["rle", "png", "polygon", "none"]
     assert P.decode_server_message(P.encode(hello))[0] == hello
+    assert (raw["limits"]["max_depth"], raw["limits"]["max_points_per_prompt"]) == (P.MAX_DEPTH, 64)
+    # a hello from a server that predates the newer limits still decodes, with the defaults
+    for key in ("max_depth", "max_points_per_prompt", "max_points_per_frame", "max_opens_in_flight", "send_timeout_s"):
+        del raw["limits"][key]
+    old = P.decode_server_message(msgspec.json.encode(raw))[0]
+    assert isinstance(old, P.Hello) and old.limits == hello.limits
 
 
 # ---------------------------------------------------------------- rate limit
