@@ -147,13 +147,33 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class PolicySection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """What a client may open by URI; see ``tracker.ingest.SourcePolicy``."""
+    """What a client may open by URI, and the caps on its source options; see ``tracker.ingest.SourcePolicy``.
+
+    ``allow_hosts`` entries may carry a port: ``cam1.lan:554``, ``[fd00::5]:8554``,
+    ``10.0.0.0/8:554``, ``*:443``. The caps hold for client-named URIs only
+    (configured sources are the operator's); ``parse_source``'s hard ranges
+    hold everywhere.
+    """
 
     allow_schemes: list[str] = []
     allow_dirs: list[str] = []
     allow_hosts: list[str] = []
     allow_devices: list[str] = []
     allow_av_options: bool = False
+    #: largest ``timeout_s`` a client may ask for (an open waits this long on a silent host)
+    max_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    #: largest ``max_backoff_s`` (wait between reconnect attempts)
+    max_backoff_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    #: largest ``reconnect_attempts``; also the default for clients that set none (unset: unlimited)
+    max_reconnect_attempts: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    #: largest ``buffer_frames`` (frames decoded ahead in file mode)
+    max_buffer_frames: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    #: largest side of ``resize`` (and a camera's ``size``), in pixels
+    max_resize_side: Annotated[int, msgspec.Meta(ge=16, le=8192)] = 2048
+    #: largest width x height of ``resize`` (and a camera's ``size``)
+    max_resize_pixels: Annotated[int, msgspec.Meta(ge=256, le=8192 * 8192)] = 2048 * 2048
+    #: largest ``fps`` (cameras, image folders)
+    max_fps: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 60.0
 
 
 class WebRTCSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -216,14 +236,29 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return self.token() is not None or not is_loopback(self.server.host)
 
     def source_policy(self) -> SourcePolicy:
+        """The ``[policy]`` table as the allowlist client-named sources are parsed and read under.
+
+        Raises:
+            ConfigError: an ``allow_hosts`` entry that is not a host pattern.
+        """
         p = self.policy
-        return SourcePolicy(
-            schemes=frozenset(s.lower() for s in p.allow_schemes),
-            directories=tuple(Path(self.resolve(d)) for d in p.allow_dirs),
-            hosts=tuple(p.allow_hosts),
-            devices=tuple(p.allow_devices),
-            allow_av_options=p.allow_av_options,
-        )
+        try:
+            return SourcePolicy(
+                schemes=frozenset(s.lower() for s in p.allow_schemes),
+                directories=tuple(Path(self.resolve(d)) for d in p.allow_dirs),
+                hosts=tuple(p.allow_hosts),
+                devices=tuple(p.allow_devices),
+                allow_av_options=p.allow_av_options,
+                max_timeout_s=p.max_timeout_s,
+                max_backoff_s=p.max_backoff_s,
+                max_reconnect_attempts=p.max_reconnect_attempts,
+                max_buffer_frames=p.max_buffer_frames,
+                max_resize_side=p.max_resize_side,
+                max_resize_pixels=p.max_resize_pixels,
+                max_fps=p.max_fps,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"[policy] allow_hosts: {exc}") from None
 
     def ssl_context(self) -> ssl.SSLContext | None:
         cert, key = self.server.tls_cert, self.server.tls_key
@@ -349,17 +384,21 @@ class SourceCatalog:
     def open_uri(self, uri: str, options: dict[str, Any] | None = None) -> VideoSource:
         """Open a client-named URI if the policy allows it (blocking).
 
+        The policy goes with the parsed spec: every URL the reader opens for
+        it (HLS segments and keys, redirects, reconnects) is checked as well.
+
         Raises:
-            SourceNotAllowedError: the policy refuses it (default: every URI).
+            SourceNotAllowedError: the policy refuses it, or a URL it leads to (default: every URI).
+            SourceOptionError: an option outside its range or over the ``[policy]`` cap
+                (``.option`` names it).
             SourceError: it cannot be parsed or opened.
         """
         options = dict(options or {})
-        spec = parse_source(uri, **options)
-        self.policy.check(spec)
+        spec = parse_source(uri, policy=self.policy, **options)
         if spec.kind == "push":
             raise SourceNotAllowedError(f"source {spec.display} not allowed: push sources are named in the server's config")
         if spec.kind in ("file", "images") and "realtime" not in options and "mode" not in options:
-            spec = parse_source(uri, mode="live", realtime=True, **options)
+            spec = parse_source(uri, policy=self.policy, mode="live", realtime=True, **options)
         return open_source(spec)
 
 

@@ -25,14 +25,18 @@ Example::
             for event in source.events.drain():
                 print(event.kind, event.message)   # credentials redacted
 
-The server checks client-supplied sources with :class:`SourcePolicy` before
-opening them. Programs decoding full-resolution video in file mode may call
+The server parses client-supplied sources with a :class:`SourcePolicy`
+(``parse_source(uri, policy=...)`` or ``open_source(uri, policy=...)``): it is
+checked before anything looks at the file system, and it travels with the spec,
+so every URL the reader opens for it (HLS segments and keys, redirects,
+reconnects) is checked too. Programs decoding full-resolution video in file mode may call
 :func:`keep_frame_memory` once at start-up (see there: an allocator setting). What does not live here: the model, prompts, the network server.
 The implementation is in :mod:`tracker.sources`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -43,11 +47,11 @@ from tracker.sources.delivery import EventKind, EventLog, FrameBuffer, SourceEve
 from tracker.sources.frame import Frame, FrameConverter, keep_frame_memory, output_size_hw, quarter_turns
 from tracker.sources.images import ImageFolderSource, list_image_files
 from tracker.sources.push import PushSource
+from tracker.sources.policy import HostPattern, SourcePolicy
 from tracker.sources.spec import (
     NETWORK_KINDS,
     PREPROCESS_STEPS,
     SCHEMES,
-    SourcePolicy,
     SourceSpec,
     parse_source,
     redact,
@@ -60,6 +64,7 @@ __all__ = [
     "Frame",
     "FrameBuffer",
     "FrameConverter",
+    "HostPattern",
     "ImageFolderSource",
     "NETWORK_KINDS",
     "PREPROCESS_STEPS",
@@ -91,7 +96,8 @@ def open_source(
 
     Args:
         source: a source string (see :func:`parse_source`) or a parsed spec.
-        policy: if given, the source must pass it (server side, for client input).
+        policy: if given, the source must pass it (server side, for client input),
+            and so must every URL the reader opens for it.
         on_event: called on the decode thread for each :class:`SourceEvent`;
             must return quickly. ``source.events`` records them either way.
         **options: source options (see :func:`parse_source`); only with a string.
@@ -108,12 +114,13 @@ def open_source(
         if options:
             raise SourceError(f"options for {source.display} go to parse_source when passing a SourceSpec")
         spec = source
+        if policy is not None:
+            policy.check(spec)
+            spec = dataclasses.replace(spec, policy=policy)
     else:
-        spec = parse_source(source, **options)
-    if policy is not None:
-        policy.check(spec)
+        spec = parse_source(source, policy=policy, **options)
     if spec.kind == "push":
         return PushSource(spec, on_event=on_event)
     if spec.kind == "images":
-        return ImageFolderSource(spec, policy=policy, on_event=on_event)
+        return ImageFolderSource(spec, on_event=on_event)
     return AVSource(spec, on_event=on_event)

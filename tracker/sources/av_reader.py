@@ -1,7 +1,9 @@
 """Opening a source with PyAV and decoding it packet by packet, errors mapped.
 
 Here live the FFmpeg specifics: which options each kind of source gets
-(timeouts, transport, low-latency probing, a protocol whitelist), the decoder
+(timeouts, transport, low-latency probing, a protocol whitelist; for
+client-named file, HTTP and HLS sources no FFmpeg protocol at all, their opens
+going through :mod:`tracker.sources.policed_io`), the decoder
 threading per mode, the translation of PyAV exceptions into the project's
 :mod:`tracker.errors` tree with a message naming the (redacted) source, and a
 frame generator that survives damaged data.
@@ -18,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import av
 import av.error
@@ -30,6 +33,7 @@ from tracker.errors import (
     SourceNotFoundError,
     SourceUnsupportedError,
 )
+from tracker.sources.policed_io import HLS_OPTIONS, NO_PROTOCOLS, POLICED_KINDS, PolicedOpener
 from tracker.sources.spec import TLS_SCHEMES, SourceSpec
 
 log = logging.getLogger("tracker.ingest")
@@ -97,34 +101,77 @@ def ffmpeg_options(spec: SourceSpec) -> dict[str, str]:
         opts["analyzeduration"] = "500000"
         opts["probesize"] = "500000"
     opts.update(spec.av_options)
+    if is_policed(spec):
+        opts["protocol_whitelist"] = NO_PROTOCOLS
+        opts.update(HLS_OPTIONS)
     return opts
 
 
-def open_container(spec: SourceSpec) -> tuple[InputContainer, VideoStream]:
+def is_policed(spec: SourceSpec) -> bool:
+    """Whether every open FFmpeg makes for ``spec`` goes through its policy (:class:`PolicedOpener`)."""
+    return spec.policy is not None and spec.kind in POLICED_KINDS
+
+
+def ffmpeg_url(spec: SourceSpec) -> str:
+    """What ``av.open`` gets: a file as ``file:`` + its canonical path, so no prefix of it reads as a protocol."""
+    return f"file:{spec.location}" if spec.kind == "file" else spec.location
+
+
+@dataclass
+class OpenedStream:
+    """An open container, its chosen video stream, and the policed opener behind it (if any)."""
+
+    container: InputContainer
+    stream: VideoStream
+    opener: PolicedOpener | None = None
+
+    def close(self) -> None:
+        """Close the container and whatever its opener still holds (safe to call twice)."""
+        try:
+            self.container.close()
+        finally:
+            if self.opener is not None:
+                self.opener.close()
+
+
+def open_container(spec: SourceSpec) -> OpenedStream:
     """Open ``spec`` and pick its video stream, configured for the spec's mode.
 
+    A spec with a policy (file, HTTP, HLS) is opened through a
+    :class:`PolicedOpener`: the first URL and every nested one are checked
+    against the policy before anything is opened.
+
     Raises a :class:`SourceError` subclass whose message names the source with
-    credentials redacted.
+    credentials redacted (:class:`SourceNotAllowedError` when the source or a
+    URL it leads to is outside its policy).
     """
     if spec.kind in ("file", "v4l2") and not os.path.exists(spec.location):
         raise _not_found(spec)
     kwargs: dict[str, object] = {"container_options": ffmpeg_options(spec), "timeout": (spec.timeout_s, spec.timeout_s)}
     if spec.kind == "v4l2":
         kwargs["format"] = "v4l2"
+    opener = PolicedOpener(spec) if is_policed(spec) else None
+    if opener is not None:
+        kwargs["io_open"] = opener
     started = time.monotonic()
     try:
-        container = av.open(spec.location, "r", **kwargs)  # type: ignore[call-overload]
-    except av.error.FFmpegError as exc:
-        raise map_open_error(exc, spec, time.monotonic() - started) from None
-    except OSError as exc:  # not raised by FFmpeg itself (e.g. permissions checked by Python)
-        raise SourceError(f"cannot open {spec.display}: {exc.strerror or exc}") from None
-    try:
-        stream = _pick_video_stream(container, spec)
-        configure_decoder(stream, live=spec.mode == "live")
-    except BaseException:
-        container.close()
+        container = av.open(ffmpeg_url(spec), "r", **kwargs)  # type: ignore[call-overload]
+    except BaseException as exc:
+        if opener is not None:
+            opener.close()
+        if isinstance(exc, av.error.FFmpegError):
+            raise map_open_error(exc, spec, time.monotonic() - started) from None
+        if isinstance(exc, OSError):  # not raised by FFmpeg itself (e.g. permissions checked by Python)
+            raise SourceError(f"cannot open {spec.display}: {exc.strerror or exc}") from None
         raise
-    return container, stream
+    opened = OpenedStream(container, None, opener)  # type: ignore[arg-type]
+    try:
+        opened.stream = _pick_video_stream(container, spec)
+        configure_decoder(opened.stream, live=spec.mode == "live")
+    except BaseException:
+        opened.close()
+        raise
+    return opened
 
 
 def _pick_video_stream(container: InputContainer, spec: SourceSpec) -> VideoStream:

@@ -20,11 +20,10 @@ import time
 from collections.abc import Callable, Iterator
 
 import av
-from av.container import InputContainer
 from av.video.stream import VideoStream
 
-from tracker.errors import SourceConnectionError, SourceError, SourceUnsupportedError
-from tracker.sources.av_reader import StreamInterrupted, iter_video_frames, open_container
+from tracker.errors import SourceConnectionError, SourceError, SourceNotAllowedError, SourceUnsupportedError
+from tracker.sources.av_reader import OpenedStream, StreamInterrupted, iter_video_frames, open_container
 from tracker.sources.base import Pacer, ThreadedSource
 from tracker.sources.delivery import EventKind, SourceEvent
 from tracker.sources.frame import FrameConverter, frame_pts_s, quarter_turns
@@ -42,7 +41,8 @@ class AVSource(ThreadedSource):
     def __init__(self, spec: SourceSpec, on_event: Callable[[SourceEvent], None] | None = None) -> None:
         super().__init__(spec, on_event)
         self._converter = FrameConverter(spec)
-        container, stream = open_container(spec)
+        opened = open_container(spec)
+        container, stream = opened.container, opened.stream
         try:
             frames = iter_video_frames(container, stream, self._buffer.count)
             first = self._first_frame(frames)
@@ -53,7 +53,7 @@ class AVSource(ThreadedSource):
                     f"({failed} packets failed)"
                 )
         except BaseException:
-            container.close()
+            opened.close()
             raise
         self.fps = _stream_fps(stream)
         if first is not None:
@@ -61,8 +61,7 @@ class AVSource(ThreadedSource):
             self.size = (first.width, first.height) if turns % 2 else (first.height, first.width)
         else:
             self.size = (stream.codec_context.height, stream.codec_context.width)
-        self._container: InputContainer = container
-        self._stream: VideoStream = stream
+        self._opened: OpenedStream = opened
         self._frames: Iterator[av.VideoFrame] = frames
         self._first: av.VideoFrame | None = first
         log.info("opened %s: %s %s, %s fps, %s mode", self.spec.display, stream.codec_context.name,
@@ -81,14 +80,18 @@ class AVSource(ThreadedSource):
 
     def _run(self) -> None:
         spec = self.spec
-        container, stream, frames = self._container, self._stream, self._frames
+        opened, frames = self._opened, self._frames
         pending, self._first = self._first, None
         reconnects = spec.reconnect and spec.mode == "live"
         try:
             while True:
-                reason = self._pump(frames, pending)
+                try:
+                    reason = self._pump(frames, pending)
+                except SourceError as exc:  # a URL the stream led to is outside its policy
+                    self._fail(exc)
+                    return
                 pending = None
-                container.close()
+                opened.close()
                 if self._stop.is_set():
                     return
                 if reason is None and not (reconnects and spec.kind in EOF_IS_DROP_KINDS):
@@ -103,10 +106,10 @@ class AVSource(ThreadedSource):
                 reopened = self._reconnect()
                 if reopened is None:
                     return
-                container, stream = reopened
-                frames = iter_video_frames(container, stream, self._buffer.count)
+                opened = reopened
+                frames = iter_video_frames(opened.container, opened.stream, self._buffer.count)
         finally:
-            container.close()
+            opened.close()
 
     def _pump(self, frames: Iterator[av.VideoFrame], pending: av.VideoFrame | None) -> str | None:
         """Deliver frames until the data ends (None), reading fails (the reason) or we are stopped."""
@@ -135,7 +138,7 @@ class AVSource(ThreadedSource):
         self._next_index += 1
         return self._buffer.put(frame)
 
-    def _reconnect(self) -> tuple[InputContainer, VideoStream] | None:
+    def _reconnect(self) -> OpenedStream | None:
         """Reopen with backoff until it works, we are stopped (None) or attempts run out (None, FAILED)."""
         spec = self.spec
         delay = min(FIRST_BACKOFF_S, spec.max_backoff_s)
@@ -154,6 +157,9 @@ class AVSource(ThreadedSource):
             attempts += 1
             try:
                 reopened = open_container(spec)
+            except SourceNotAllowedError as exc:  # the policy refuses where it leads now: no retry helps
+                self._fail(exc, attempts)
+                return None
             except SourceError as exc:
                 last_error = exc
                 log.info("reconnect attempt %d to %s failed: %s", attempts, spec.display, exc)

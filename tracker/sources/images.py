@@ -19,11 +19,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tracker.errors import SourceNotAllowedError, SourceNotFoundError, SourceUnsupportedError
+import av.error
+
+from tracker.errors import SourceError, SourceNotAllowedError, SourceNotFoundError, SourceUnsupportedError
 from tracker.sources.base import Pacer, ThreadedSource
 from tracker.sources.delivery import SourceEvent
 from tracker.sources.frame import FrameConverter
-from tracker.sources.spec import IMAGE_SUFFIXES, SourcePolicy, SourceSpec
+from tracker.sources.policed_io import open_file_checked
+from tracker.sources.policy import SourcePolicy
+from tracker.sources.spec import IMAGE_SUFFIXES, SourceSpec
 
 log = logging.getLogger("tracker.ingest")
 
@@ -40,15 +44,21 @@ def list_image_files(folder: Path) -> list[Path]:
     return sorted(files, key=key)
 
 
-def read_image_rgb(path: Path) -> np.ndarray | None:
+def read_image_rgb(path: Path, policy: SourcePolicy | None = None, display: str = "") -> np.ndarray | None:
     """H x W x 3 uint8 RGB, or None if the file cannot be decoded.
 
     EXIF orientation is ignored on purpose: SAM 2's loader (PIL) ignores it, and
-    masks annotated on those frames are in the stored orientation.
+    masks annotated on those frames are in the stored orientation. With a
+    ``policy``, the file opened is checked against it (a symlink swapped in
+    after the folder was checked raises :class:`SourceNotAllowedError`).
     """
     try:
-        data = np.fromfile(path, np.uint8)
-    except OSError:
+        if policy is None:
+            data = np.fromfile(path, np.uint8)
+        else:
+            with open_file_checked(str(path), policy, display) as f:
+                data = np.frombuffer(f.read(), np.uint8)
+    except (OSError, av.error.FFmpegError, SourceUnsupportedError):
         return None
     image_bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image_bgr is None:
@@ -66,6 +76,8 @@ class ImageFolderSource(ThreadedSource):
         on_event: Callable[[SourceEvent], None] | None = None,
     ) -> None:
         super().__init__(spec, on_event)
+        policy = policy or spec.policy
+        self._policy = policy
         folder = Path(spec.location)
         if not folder.exists():
             raise SourceNotFoundError(f"source not found: {spec.display} (no such folder)")
@@ -78,7 +90,7 @@ class ImageFolderSource(ThreadedSource):
             raise SourceNotAllowedError(f"source {spec.display} not allowed: a frame file links outside the allowed folders")
         self._converter = FrameConverter(spec)
         self.fps = spec.fps
-        first = read_image_rgb(self._files[0])
+        first = read_image_rgb(self._files[0], policy, spec.display)
         if first is not None:
             self.size = (first.shape[0], first.shape[1])
         log.info("opened %s: %d frames, %s mode", spec.display, len(self._files), spec.mode)
@@ -90,7 +102,11 @@ class ImageFolderSource(ThreadedSource):
         for position, path in enumerate(self._files):
             if self._stop.is_set():
                 return
-            image_rgb = read_image_rgb(path)
+            try:
+                image_rgb = read_image_rgb(path, self._policy, self.spec.display)
+            except SourceError as exc:
+                self._fail(exc)
+                return
             if image_rgb is None:
                 self._buffer.count(decode_errors=1)
                 log.warning("%s: skipping %s (not a readable image)", self.spec.display, path.name)

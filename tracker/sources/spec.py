@@ -4,25 +4,27 @@ The CLI, the server and user code all describe a source the same way
 (``parse_source("rtsp://cam/stream", timeout_s=5)``), so this module is the one
 place that knows the schemes, the option names and their defaults. It also
 holds :func:`redact` (credentials never reach a log line or an error message)
-and :class:`SourcePolicy`, the server-side allowlist deciding which sources a
-remote client may open.
+and the hard ranges of every option. The server-side allowlist,
+:class:`~tracker.sources.policy.SourcePolicy`, lives in ``policy``.
 
-Nothing here opens a file or a socket, except that a bare path naming an
-existing directory is read as an image folder, and :meth:`SourcePolicy.check`
-resolves paths to see through symlinks.
+Nothing here opens a file or a socket; paths are resolved (symlinks, ``..``)
+into their canonical form, and a bare path naming an existing directory is
+read as an image folder (after the policy's check, for client-named sources).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from tracker.errors import SourceError, SourceNotAllowedError, SourceUnsupportedError
+from tracker.errors import SourceError, SourceOptionError, SourceUnsupportedError
+
+if TYPE_CHECKING:
+    from tracker.sources.policy import SourcePolicy
 
 Kind = Literal["file", "images", "rtsp", "http", "hls", "udp", "rtp", "rtmp", "v4l2", "push"]
 Mode = Literal["live", "file"]
@@ -103,6 +105,9 @@ class SourceSpec:
     tls_verify: bool = False  # FFmpeg's default: IP cameras mostly present self-signed certificates
     ca_file: str | None = None  # CA bundle to verify the server against (implies tls_verify)
     av_options: dict[str, str] = field(default_factory=dict)  # extra FFmpeg options, verbatim
+    #: set for client-named sources: every URL the reader opens for this spec (nested
+    #: ones, redirects, reconnects) is checked against it; None: opened as given
+    policy: SourcePolicy | None = field(default=None, compare=False, repr=False)
 
     @property
     def display(self) -> str:
@@ -133,35 +138,73 @@ _OPTION_NAMES = (
     "tls_verify", "ca_file", "av_options",
 )
 
+#: Hard ranges of the numeric options, valid for every caller (a server's
+#: ``[policy]`` caps client opens further, see :class:`tracker.ingest.SourcePolicy`).
+MAX_TIMEOUT_S = 3600.0
+MAX_BACKOFF_S = 3600.0
+MAX_RECONNECT_ATTEMPTS = 1_000_000
+MAX_BUFFER_FRAMES = 1024
+MAX_SIDE_PX = 8192  # resize and camera size, each side
+MAX_FPS = 1000.0
+MAX_AV_OPTIONS = 64
+_INPUT_FORMAT_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 
-def parse_source(uri: str, **options: Any) -> SourceSpec:
+
+def parse_source(uri: str, *, policy: SourcePolicy | None = None, **options: Any) -> SourceSpec:
     """Parse a source string and its options into a :class:`SourceSpec`.
 
     Accepted forms: a file path or ``file:PATH`` / ``file:///PATH``; a directory
     or ``images:DIR`` (JPEG/PNG frames); ``rtsp://``, ``rtsps://``;
     ``http(s)://`` (HLS when the path ends in ``.m3u8``); ``udp://``, ``rtp://``;
     ``rtmp://``, ``rtmps://``; ``/dev/videoN`` or ``v4l2:///dev/videoN``;
-    ``push:NAME`` (frames handed in by code).
+    ``push:NAME`` (frames handed in by code). A path is made absolute and
+    resolved (symlinks, ``..``) here, once: :attr:`SourceSpec.location` is the
+    path that is checked and the path that is opened.
 
-    Options (strings are accepted too, so a CLI can pass ``key=value`` through):
-    ``mode`` ("live" | "file"; default live for network, devices and push, file
-    for files and folders), ``timeout_s``, ``rtsp_transport`` (default "tcp"),
-    ``resize`` ((w, h), "WxH", or an int / "N" for the longest side),
-    ``preprocess`` (list or "clahe,denoise"), ``reconnect`` (default on for
-    network sources and devices), ``max_backoff_s``, ``reconnect_attempts``,
-    ``realtime`` (pace a file at its own rate, to stand in for a camera),
-    ``buffer_frames``, ``size`` / ``fps`` / ``input_format`` (what to ask of a
-    V4L2 camera; ``fps`` also times an image folder), ``autorotate``,
-    ``tls_verify`` / ``ca_file`` (check the certificate of an https, rtsps or
-    rtmps server; off by default, as in FFmpeg), ``av_options`` (extra FFmpeg
-    options, passed verbatim).
+    Options (strings are accepted too, so a CLI can pass ``key=value`` through),
+    with their ranges:
+
+    ========================  ===========================================================
+    ``mode``                  "live" | "file" (default live for network, devices and push,
+                              file for files and folders)
+    ``timeout_s``             number in (0, 3600], default 10
+    ``rtsp_transport``        tcp (default) | udp | udp_multicast | http | https
+    ``resize``                (w, h) / "WxH" (each side 1-8192) or a longest side N / "N"
+                              (1-8192; only ever shrinks)
+    ``preprocess``            any of clahe, denoise, denoise_nlm, each at most once
+    ``reconnect``             bool (default on for network sources and devices)
+    ``max_backoff_s``         number in (0, 3600], default 8
+    ``reconnect_attempts``    integer 1-1000000 per outage (default: until closed)
+    ``realtime``              bool: pace a file at its own rate, to stand in for a camera
+    ``buffer_frames``         integer 1-1024, default 8 (file mode: decode-ahead depth)
+    ``size``                  cameras: "WxH" asked of the device (each side 1-8192)
+    ``fps``                   cameras and image folders: number in (0, 1000]
+    ``input_format``          cameras: 1-32 letters, digits or '_' (e.g. "mjpeg")
+    ``autorotate``            bool, default true
+    ``tls_verify``            bool: check the certificate of an https, rtsps or rtmps
+                              server (off by default, as in FFmpeg)
+    ``ca_file``               path of a CA bundle (implies ``tls_verify``)
+    ``av_options``            dict of at most 64 extra FFmpeg options, passed verbatim
+    ========================  ===========================================================
 
     Reconnects happen in live mode only: in file mode a reopened stream would
     replay frames already delivered, so a drop ends it with an error.
 
+    Args:
+        uri: the source string.
+        policy: for sources a remote client names: the policy is checked
+            before anything looks at the file system (so the answer for a
+            path outside it is the same whether the path exists or not),
+            its option caps apply, and it travels with the spec, so every
+            URL the reader opens (playlist entries, segments, keys,
+            redirects, reconnects) is checked against it too.
+        **options: see the table.
+
     Raises:
         SourceUnsupportedError: unknown scheme or a URL without a host/port.
-        SourceError: an unknown option or an option value that cannot be used.
+        SourceOptionError: an option value outside its range (``.option`` names it).
+        SourceNotAllowedError: ``policy`` refuses the source or an option value.
+        SourceError: an unknown option or an option that does not apply.
     """
     if not isinstance(uri, str) or not uri.strip():
         raise SourceError(f"empty source: {_HINT}")
@@ -170,14 +213,16 @@ def parse_source(uri: str, **options: Any) -> SourceSpec:
         raise SourceError(
             f"unknown source option {unknown[0]!r} for {redact(uri)}: use one of {', '.join(_OPTION_NAMES)}"
         )
-    kind, scheme, location = _classify(uri)
+    if policy is not None:
+        policy.check_written(uri)  # before _classify looks at the file system
+    kind, scheme, location = _classify(uri, probe_fs=policy is None)
     display = redact(uri)
     network = kind in NETWORK_KINDS
     opts = {k: v for k, v in options.items() if v is not None}
 
     mode = str(opts.pop("mode", "live" if (network or kind in ("v4l2", "push")) else "file")).lower()
     if mode not in ("live", "file"):
-        raise SourceError(f"mode must be 'live' or 'file' for {display}, not {mode!r}")
+        raise SourceOptionError(f"mode must be 'live' or 'file' for {display}, not {mode!r}", "mode")
     reconnect_default = network or kind == "v4l2"
     reconnect = _as_bool(opts.pop("reconnect", reconnect_default), "reconnect", display)
     if reconnect and not reconnect_default:
@@ -189,8 +234,9 @@ def parse_source(uri: str, **options: Any) -> SourceSpec:
         if kind != "rtsp":
             raise SourceError(f"rtsp_transport applies to rtsp:// sources only, not to {display}")
         if rtsp_transport not in RTSP_TRANSPORTS:
-            raise SourceError(
-                f"rtsp_transport must be one of {', '.join(RTSP_TRANSPORTS)} for {display}, not {rtsp_transport!r}"
+            raise SourceOptionError(
+                f"rtsp_transport must be one of {', '.join(RTSP_TRANSPORTS)} for {display}, not {rtsp_transport!r}",
+                "rtsp_transport",
             )
     elif kind == "rtsp":
         rtsp_transport = "tcp"
@@ -205,12 +251,25 @@ def parse_source(uri: str, **options: Any) -> SourceSpec:
     if fps is not None and kind not in ("v4l2", "images"):
         raise SourceError(f"fps applies to cameras and image folders only, not to {display}")
     input_format = opts.pop("input_format", None)
-    if input_format is not None and kind != "v4l2":
-        raise SourceError(f"input_format applies to cameras (/dev/videoN) only, not to {display}")
+    if input_format is not None:
+        if kind != "v4l2":
+            raise SourceError(f"input_format applies to cameras (/dev/videoN) only, not to {display}")
+        if not _INPUT_FORMAT_RE.match(str(input_format)):
+            raise SourceOptionError(
+                f"input_format must be 1-32 letters, digits or '_' (e.g. 'mjpeg') for {display}, not {input_format!r}",
+                "input_format",
+            )
     av_options = opts.pop("av_options", {})
     if not isinstance(av_options, dict):
-        raise SourceError(f"av_options must be a dict of FFmpeg options for {display}")
+        raise SourceOptionError(f"av_options must be a dict of FFmpeg options for {display}", "av_options")
+    if len(av_options) > MAX_AV_OPTIONS:
+        raise SourceOptionError(
+            f"av_options must hold at most {MAX_AV_OPTIONS} FFmpeg options for {display}, not {len(av_options)}",
+            "av_options",
+        )
     attempts = opts.pop("reconnect_attempts", None)
+    if attempts is None and policy is not None:
+        attempts = policy.max_reconnect_attempts
     ca_file = opts.pop("ca_file", None)
     tls_verify = _as_bool(opts.pop("tls_verify", ca_file is not None), "tls_verify", display)
     if (tls_verify or ca_file is not None) and scheme not in TLS_SCHEMES:
@@ -222,44 +281,77 @@ def parse_source(uri: str, **options: Any) -> SourceSpec:
         scheme=scheme,
         location=location,
         mode=mode,  # type: ignore[arg-type]
-        timeout_s=_positive(opts.pop("timeout_s", 10.0), "timeout_s", display),
+        timeout_s=_number(opts.pop("timeout_s", 10.0), "timeout_s", MAX_TIMEOUT_S, display),
         rtsp_transport=rtsp_transport,
         resize_wh=resize_wh,
         max_side=max_side,
         preprocess=preprocess,
         reconnect=reconnect,
-        max_backoff_s=_positive(opts.pop("max_backoff_s", 8.0), "max_backoff_s", display),
-        reconnect_attempts=None if attempts is None else int(_positive(attempts, "reconnect_attempts", display)),
+        max_backoff_s=_number(opts.pop("max_backoff_s", 8.0), "max_backoff_s", MAX_BACKOFF_S, display),
+        reconnect_attempts=None if attempts is None else _integer(
+            attempts, "reconnect_attempts", MAX_RECONNECT_ATTEMPTS, display),
         realtime=_as_bool(opts.pop("realtime", False), "realtime", display),
-        buffer_frames=int(_positive(opts.pop("buffer_frames", 8), "buffer_frames", display)),
+        buffer_frames=_integer(opts.pop("buffer_frames", 8), "buffer_frames", MAX_BUFFER_FRAMES, display),
         capture_size_wh=capture_size_wh,
-        fps=None if fps is None else _positive(fps, "fps", display),
+        fps=None if fps is None else _number(fps, "fps", MAX_FPS, display),
         input_format=None if input_format is None else str(input_format),
         autorotate=_as_bool(opts.pop("autorotate", True), "autorotate", display),
         tls_verify=tls_verify,
         ca_file=None if ca_file is None else str(ca_file),
         av_options={str(k): str(v) for k, v in av_options.items()},
+        policy=policy,
     )
+    if policy is not None:
+        policy.check(spec)
     return spec
 
 
-def _classify(uri: str) -> tuple[Kind, str, str]:
-    """(kind, scheme, location) of a source string; raises on unknown schemes."""
+def written_path(uri: str) -> str | None:
+    """The path a local source string names, read from the text alone (no file system access).
+
+    None for URLs, devices and push names. ``file:PATH`` strips exactly one
+    ``file:``; ``file://[host]/PATH`` and ``images://…`` are URL-decoded.
+    """
+    match = _SCHEME_RE.match(uri)
+    scheme = match.group(1).lower() if match else None
+    if scheme is None or len(scheme) == 1:
+        return None if re.fullmatch(r"/dev/video\d+", uri) else uri
+    if scheme in ("file", "images"):
+        rest = uri[match.end():]  # type: ignore[union-attr]
+        return unquote(urlsplit(uri).path) if rest.startswith("//") else rest
+    return None
+
+
+def canonical_path(path: str) -> str:
+    """``path`` absolute, with symlinks and ``..`` resolved by the kernel's rules (relative to the cwd).
+
+    The one canonical form: the policy checks it and the reader opens it, so
+    no later step can read a prefix (``file:``) or a ``..`` differently.
+    """
+    return str(Path(path).resolve())
+
+
+def _classify(uri: str, probe_fs: bool = True) -> tuple[Kind, str, str]:
+    """(kind, scheme, location) of a source string; raises on unknown schemes.
+
+    ``probe_fs=False`` (client-named sources) never reads a string with an
+    unknown scheme as an existing relative path: the answer must not depend on
+    what exists.
+    """
     match = _SCHEME_RE.match(uri)
     scheme = match.group(1).lower() if match else None
     if scheme is not None and len(scheme) == 1:
         scheme = None  # a drive letter, C:\\...
-    if scheme is None or (scheme not in SCHEMES and os.path.exists(uri)):
+    if scheme is None or (probe_fs and scheme not in SCHEMES and os.path.exists(uri)):
         return _classify_path(uri)
     rest = uri[match.end():] if match else uri
     if scheme == "file":
-        path = unquote(urlsplit(uri).path) if rest.startswith("//") else rest
-        return _classify_path(path, scheme_given=True)
+        return _classify_path(written_path(uri) or "", scheme_given=True)
     if scheme == "images":
-        path = unquote(urlsplit(uri).path) if rest.startswith("//") else rest
+        path = written_path(uri)
         if not path:
             raise SourceUnsupportedError(f"images: needs a folder, e.g. images:/data/frames (got {uri!r})")
-        return "images", "images", path
+        return "images", "images", canonical_path(path)
     if scheme == "v4l2":
         path = rest[2:] if rest.startswith("//") else rest
         if path.isdigit():
@@ -301,9 +393,12 @@ def _classify_path(path: str, scheme_given: bool = False) -> tuple[Kind, str, st
         raise SourceError(f"empty source: {_HINT}")
     if re.fullmatch(r"/dev/video\d+", path) and not scheme_given:
         return "v4l2", "v4l2", path
-    if os.path.isdir(path):
-        return "images", "images", path
-    return "file", "file", path
+    if "\x00" in path:
+        raise SourceUnsupportedError(f"unsupported source {path!r}: a path cannot hold a NUL character")
+    location = canonical_path(path)
+    if os.path.isdir(location):
+        return "images", "images", location
+    return "file", "file", location
 
 
 def _as_bool(value: Any, name: str, display: str) -> bool:
@@ -314,17 +409,33 @@ def _as_bool(value: Any, name: str, display: str) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise SourceError(f"{name} must be true or false for {display}, not {value!r}")
+    raise SourceOptionError(f"{name} must be true or false for {display}, not {value!r}", name)
 
 
-def _positive(value: Any, name: str, display: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not number > 0 or number == float("inf"):
-        raise SourceError(f"{name} must be a positive number for {display}, not {value!r}")
+def _number(value: Any, name: str, maximum: float, display: str) -> float:
+    """A float in (0, maximum]; strings are read as numbers, bools are not numbers."""
+    number = float("nan")
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if not 0 < number <= maximum:
+        raise SourceOptionError(f"{name} must be a number in (0, {maximum:g}] for {display}, not {value!r}", name)
     return number
+
+
+def _integer(value: Any, name: str, maximum: int, display: str) -> int:
+    """An int in [1, maximum]; integral strings and floats (``"4"``, ``4.0``) count, ``2.5`` does not."""
+    number: float = float("nan")
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if not (1 <= number <= maximum and number == int(number)):
+        raise SourceOptionError(f"{name} must be an integer in [1, {maximum}] for {display}, not {value!r}", name)
+    return int(number)
 
 
 def _parse_wh(value: Any, name: str, display: str) -> tuple[int, int]:
@@ -333,11 +444,16 @@ def _parse_wh(value: Any, name: str, display: str) -> tuple[int, int]:
     else:
         parts = list(value) if isinstance(value, (tuple, list)) else []
     try:
+        if any(isinstance(p, (bool, float)) for p in parts):
+            raise ValueError
         width, height = (int(p) for p in parts)
     except (TypeError, ValueError):
         width = height = 0
-    if width <= 0 or height <= 0:
-        raise SourceError(f"{name} must be (width, height) or 'WxH' with positive integers for {display}, not {value!r}")
+    if not (0 < width <= MAX_SIDE_PX and 0 < height <= MAX_SIDE_PX):
+        raise SourceOptionError(
+            f"{name} must be (width, height) or 'WxH' with integers in [1, {MAX_SIDE_PX}] for {display}, not {value!r}",
+            name,
+        )
     return width, height
 
 
@@ -345,11 +461,13 @@ def _parse_resize(value: Any, display: str) -> tuple[tuple[int, int] | None, int
     if value is None:
         return None, None
     if isinstance(value, bool):
-        raise SourceError(f"resize must be (width, height), 'WxH' or a longest side for {display}, not {value!r}")
+        raise SourceOptionError(
+            f"resize must be (width, height), 'WxH' or a longest side for {display}, not {value!r}", "resize")
     if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
         side = int(value)
-        if side <= 0:
-            raise SourceError(f"resize must be a positive longest side for {display}, not {value!r}")
+        if not 0 < side <= MAX_SIDE_PX:
+            raise SourceOptionError(
+                f"resize must be a longest side in [1, {MAX_SIDE_PX}] for {display}, not {value!r}", "resize")
         return None, side
     return _parse_wh(value, "resize", display), None
 
@@ -357,91 +475,20 @@ def _parse_resize(value: Any, display: str) -> tuple[tuple[int, int] | None, int
 def _parse_preprocess(value: Any, display: str) -> tuple[str, ...]:
     if isinstance(value, str):
         steps = tuple(s.strip().lower() for s in value.split(",") if s.strip())
-    else:
+    elif isinstance(value, (list, tuple)):
         steps = tuple(str(s).strip().lower() for s in value)
+    else:
+        raise SourceOptionError(
+            f"preprocess must be a list of steps ({', '.join(PREPROCESS_STEPS)}) for {display}, not {value!r}",
+            "preprocess",
+        )
     for step in steps:
         if step not in PREPROCESS_STEPS:
-            raise SourceError(
-                f"unknown preprocess step {step!r} for {display}: use any of {', '.join(PREPROCESS_STEPS)}"
+            raise SourceOptionError(
+                f"unknown preprocess step {step!r} for {display}: use any of {', '.join(PREPROCESS_STEPS)}",
+                "preprocess",
             )
+    if len(set(steps)) != len(steps):
+        raise SourceOptionError(f"preprocess must name each step at most once for {display}, not {value!r}",
+                                "preprocess")
     return steps
-
-
-@dataclass(frozen=True)
-class SourcePolicy:
-    """Which sources a remote client may open (the server's allowlist).
-
-    Everything not listed is refused: ``schemes`` (as in :data:`SCHEMES`; an
-    image folder is ``images``, HLS is ``http``/``https``), ``directories``
-    (files and folders must *resolve* inside one: ``..`` and symlinks pointing
-    out are refused), ``hosts`` (exact names or addresses, ``*.example.org``,
-    networks like ``10.0.0.0/8``, or ``*`` for any; compared with the host as
-    written, never resolved through DNS), ``devices`` (``/dev/videoN`` paths),
-    and ``allow_av_options`` (raw FFmpeg options and ``ca_file`` name things
-    on the server, protocols or files, the policy would refuse, so they are off).
-
-    Limits: an HLS playlist on an allowed host may name segments elsewhere (the
-    reader restricts the protocols FFmpeg may use, not their hosts), and a
-    file swapped for a symlink after the check is not seen (check then open
-    promptly).
-    """
-
-    schemes: frozenset[str] = frozenset()
-    directories: tuple[Path, ...] = ()
-    hosts: tuple[str, ...] = ()
-    devices: tuple[str, ...] = ()
-    allow_av_options: bool = False
-
-    def check(self, spec: SourceSpec) -> None:
-        """Return if ``spec`` is allowed; raise :class:`SourceNotAllowedError` naming why not."""
-        prefix = f"source {spec.display} not allowed"
-        if spec.scheme not in self.schemes:
-            allowed = ", ".join(sorted(self.schemes)) or "none"
-            raise SourceNotAllowedError(f"{prefix}: scheme '{spec.scheme}' is not allowed here (allowed: {allowed})")
-        if spec.av_options and not self.allow_av_options:
-            raise SourceNotAllowedError(f"{prefix}: raw FFmpeg options (av_options) are not accepted here")
-        if spec.ca_file is not None and not self.allow_av_options:
-            raise SourceNotAllowedError(f"{prefix}: ca_file (a path on this server) is not accepted here")
-        if spec.kind in ("file", "images"):
-            if not self.allows_path(spec.location):
-                raise SourceNotAllowedError(f"{prefix}: the path is outside the allowed folders")
-            if spec.kind == "images" and not all(self.allows_path(p) for p in _image_files(spec.location)):
-                raise SourceNotAllowedError(f"{prefix}: a frame file links outside the allowed folders")
-        elif spec.kind == "v4l2":
-            if spec.location not in self.devices:
-                raise SourceNotAllowedError(f"{prefix}: device {spec.location} is not allowed here")
-        elif spec.is_network:
-            host = spec.host or ""
-            if not self.allows_host(host):
-                raise SourceNotAllowedError(f"{prefix}: host '{host}' is not allowed here")
-
-    def allows_path(self, path: str | os.PathLike[str]) -> bool:
-        """Whether ``path``, symlinks and ``..`` resolved, lies inside an allowed directory."""
-        if "\x00" in os.fspath(path):
-            return False
-        resolved = Path(path).resolve()
-        return any(resolved.is_relative_to(Path(d).resolve()) for d in self.directories)
-
-    def allows_host(self, host: str) -> bool:
-        host = host.lower().strip("[]")
-        for pattern in self.hosts:
-            pattern = pattern.lower()
-            if pattern == "*" or pattern == host:
-                return True
-            if pattern.startswith("*.") and host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
-                return True
-            if "/" in pattern:
-                try:
-                    if ipaddress.ip_address(host) in ipaddress.ip_network(pattern, strict=False):
-                        return True
-                except ValueError:
-                    continue
-        return False
-
-
-def _image_files(folder: str) -> list[Path]:
-    """The files an image-folder source would read (for the allowlist's symlink check)."""
-    try:
-        return [p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-    except OSError:
-        return []
