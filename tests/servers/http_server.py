@@ -3,11 +3,18 @@
 Python's ``SimpleHTTPRequestHandler`` does not answer ``Range`` requests, which
 FFmpeg needs to reach the index at the end of an MP4; this one does. Paths under
 ``/private/`` need HTTP Basic credentials, to test authentication failures.
+``redirects`` answers chosen paths with ``302 Found`` and a ``Location``, and
+``seen`` records every connection accepted and every request path, so a test
+can prove a server was never contacted.
 
 Usage::
 
     with serve_directory(folder, user="u", password="p") as base_url:
         ...  # base_url == "http://127.0.0.1:<port>"
+
+    seen: list[str] = []
+    with serve_directory(folder, redirects={"/a.mp4": "http://127.0.0.1:9/b.mp4"}, seen=seen) as base_url:
+        ...  # seen == ["connect", "GET /a.mp4", ...]
 
 or run it as a script: ``python tests/servers/http_server.py DIR [PORT]``.
 """
@@ -32,6 +39,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
     """Static files with byte ranges and Basic auth under /private/."""
 
     credentials: str | None = None  # "user:password"
+    redirects: dict[str, str] = {}  # request path -> Location of a 302
+    seen: list[str] | None = None  # "GET /path" per request, when recording
 
     def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
         pass
@@ -48,12 +57,24 @@ class RangeHandler(SimpleHTTPRequestHandler):
         self.end_headers()
         return False
 
+    def _redirected(self) -> bool:
+        location = self.redirects.get(self.path)
+        if location is None:
+            return False
+        self.send_response(HTTPStatus.FOUND)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def do_HEAD(self) -> None:
-        if self._authorised():
+        if self._authorised() and not self._redirected():
             super().do_HEAD()
 
     def do_GET(self) -> None:
-        if not self._authorised():
+        if self.seen is not None:
+            self.seen.append(f"GET {self.path}")
+        if not self._authorised() or self._redirected():
             return
         path = Path(self.translate_path(self.path))
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
@@ -89,12 +110,30 @@ class RangeHandler(SimpleHTTPRequestHandler):
                 pass
 
 
+class RecordingServer(ThreadingHTTPServer):
+    """Appends "connect" to ``seen`` for every connection accepted (before any request is read)."""
+
+    seen: list[str] | None = None
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        if self.seen is not None:
+            self.seen.append("connect")
+        return True
+
+
 @contextlib.contextmanager
 def serve_directory(folder: os.PathLike[str] | str, user: str | None = None, password: str | None = None,
-                    port: int = 0, certfile: str | None = None, keyfile: str | None = None) -> Iterator[str]:
-    """Serve ``folder`` on 127.0.0.1 while the block runs; yields the base URL (https with a certificate)."""
-    handler = type("Handler", (RangeHandler,), {"credentials": f"{user}:{password}" if user else None})
-    server = ThreadingHTTPServer(("127.0.0.1", port), partial(handler, directory=str(folder)))
+                    port: int = 0, certfile: str | None = None, keyfile: str | None = None,
+                    redirects: dict[str, str] | None = None, seen: list[str] | None = None) -> Iterator[str]:
+    """Serve ``folder`` on 127.0.0.1 while the block runs; yields the base URL (https with a certificate).
+
+    ``redirects`` maps request paths to the ``Location`` of a 302; ``seen``
+    (a list the caller keeps) gets "connect" per connection and "GET /path" per request.
+    """
+    handler = type("Handler", (RangeHandler,), {"credentials": f"{user}:{password}" if user else None,
+                                                "redirects": dict(redirects or {}), "seen": seen})
+    server = RecordingServer(("127.0.0.1", port), partial(handler, directory=str(folder)))
+    server.seen = seen
     server.daemon_threads = True
     scheme = "http"
     if certfile:

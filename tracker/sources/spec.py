@@ -268,8 +268,11 @@ def parse_source(uri: str, *, policy: SourcePolicy | None = None, **options: Any
             "av_options",
         )
     attempts = opts.pop("reconnect_attempts", None)
-    if attempts is None and policy is not None:
-        attempts = policy.max_reconnect_attempts
+    timeout_s, backoff_s, buffer_frames = 10.0, 8.0, 8
+    if policy is not None:  # what a client leaves unset stays inside the server's caps
+        attempts = policy.max_reconnect_attempts if attempts is None else attempts
+        timeout_s, backoff_s = min(timeout_s, policy.max_timeout_s), min(backoff_s, policy.max_backoff_s)
+        buffer_frames = min(buffer_frames, policy.max_buffer_frames)
     ca_file = opts.pop("ca_file", None)
     tls_verify = _as_bool(opts.pop("tls_verify", ca_file is not None), "tls_verify", display)
     if (tls_verify or ca_file is not None) and scheme not in TLS_SCHEMES:
@@ -281,17 +284,17 @@ def parse_source(uri: str, *, policy: SourcePolicy | None = None, **options: Any
         scheme=scheme,
         location=location,
         mode=mode,  # type: ignore[arg-type]
-        timeout_s=_number(opts.pop("timeout_s", 10.0), "timeout_s", MAX_TIMEOUT_S, display),
+        timeout_s=_number(opts.pop("timeout_s", timeout_s), "timeout_s", MAX_TIMEOUT_S, display),
         rtsp_transport=rtsp_transport,
         resize_wh=resize_wh,
         max_side=max_side,
         preprocess=preprocess,
         reconnect=reconnect,
-        max_backoff_s=_number(opts.pop("max_backoff_s", 8.0), "max_backoff_s", MAX_BACKOFF_S, display),
+        max_backoff_s=_number(opts.pop("max_backoff_s", backoff_s), "max_backoff_s", MAX_BACKOFF_S, display),
         reconnect_attempts=None if attempts is None else _integer(
             attempts, "reconnect_attempts", MAX_RECONNECT_ATTEMPTS, display),
         realtime=_as_bool(opts.pop("realtime", False), "realtime", display),
-        buffer_frames=_integer(opts.pop("buffer_frames", 8), "buffer_frames", MAX_BUFFER_FRAMES, display),
+        buffer_frames=_integer(opts.pop("buffer_frames", buffer_frames), "buffer_frames", MAX_BUFFER_FRAMES, display),
         capture_size_wh=capture_size_wh,
         fps=None if fps is None else _number(fps, "fps", MAX_FPS, display),
         input_format=None if input_format is None else str(input_format),
