@@ -208,7 +208,7 @@ def rgb_from_pil(image: Image.Image, *, field: str = "image") -> np.ndarray:
     if mode in _PIL_RGB_MODES:
         if mode == "PA" or (mode == "P" and "transparency" in image.info):
             image = image.convert("RGBA")  # palette transparency: colours kept, alpha dropped below
-        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        return np.array(image.convert("RGB"))  # a writable copy (asarray would be read-only)
     raise ImageInputError(
         "unsupported_mode",
         f"{field} has pixel mode {mode!r}, which cannot be turned into RGB; use 8- or 16-bit gray, RGB(A), palette or CMYK",
