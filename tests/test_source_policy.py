@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from tests.servers.http_server import serve_directory
 from tests.videogen import make_clip, pattern_rgb, read_index
 from tracker.errors import (
+    SourceConnectionError,
     SourceError,
     SourceNotAllowedError,
     SourceNotFoundError,
@@ -47,7 +50,8 @@ SEGMENTS = 4  # of 5 frames each
 
 def indices(source_or_uri: object, **options: object) -> list[int]:
     """Frame indices read back from the pictures of a source opened in file mode."""
-    with open_source(source_or_uri, mode="file", timeout_s=5, **options) as source:  # type: ignore[arg-type]
+    options = {"mode": "file", "timeout_s": 5, **options}
+    with open_source(source_or_uri, **options) as source:  # type: ignore[arg-type]
         return [read_index(f.image_rgb) for f in source]
 
 
@@ -224,6 +228,40 @@ def test_localhost_allowed_does_not_allow_127_0_0_1(site: Site) -> None:
     assert site.other_seen == []
 
 
+def test_policed_http_keeps_credentials_tls_and_timeouts(tmp_path: Path) -> None:
+    """The policed HTTP reader answers like FFmpeg's: Basic auth, self-signed TLS, a silent server's timeout."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI missing: apt-get install openssl")
+    (tmp_path / "private").mkdir()
+    make_clip(tmp_path / "private" / "clip.mp4", "libx264", n_frames=4, size_hw=(48, 64))
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    with serve_directory(tmp_path, user="bob", password="hunter2") as base, \
+            serve_directory(tmp_path, certfile=str(cert), keyfile=str(key)) as tls_base:
+        host, tls_host = base.removeprefix("http://"), tls_base.removeprefix("https://")
+        policy = SourcePolicy(schemes=frozenset({"http", "https"}), hosts=("127.0.0.1",), allow_av_options=True)
+        assert indices(f"http://bob:hunter2@{host}/private/clip.mp4", policy=policy) == [0, 1, 2, 3]
+        with pytest.raises(SourceConnectionError) as caught:
+            indices(f"http://bob:nope@{host}/private/clip.mp4", policy=policy)
+        assert str(caught.value) == (f"cannot connect to http://bob:***@{host}/private/clip.mp4: authentication failed "
+                                     "(check the user name and password in the URL)")
+        url = f"https://{tls_host}/private/clip.mp4"
+        assert indices(url, policy=policy) == [0, 1, 2, 3]  # not verified: FFmpeg's default
+        assert indices(url, policy=policy, ca_file=str(cert)) == [0, 1, 2, 3]
+        with pytest.raises(SourceConnectionError, match="TLS failed, most likely the server's certificate did not"):
+            indices(url, policy=policy, tls_verify=True)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)  # accepts (in the kernel) and never answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/clip.mp4"
+        with pytest.raises(SourceConnectionError) as caught:
+            indices(url, policy=policy, timeout_s=1)
+        assert str(caught.value) == (f"cannot connect to {url}: no answer within 1 s "
+                                     "(check the host, the port and that the stream is running, or raise timeout_s)")
+
+
 # --------------------------------------------------------------------------- redirects
 
 
@@ -366,6 +404,7 @@ def test_the_server_default_answers_alike_for_existing_and_missing_folders(tmp_p
         ("*.cams.example:443", [("a.cams.example", 443)], [("cams.example", 443), ("a.cams.example", 80)]),
         ("*:443", [("anything", 443)], [("anything", 80)]),
         ("127.0.0.1", [("127.0.0.1", 9)], [("localhost", 9)]),
+        ("*", [("anything", None), ("", 5000)], []),  # '': udp://@:5000, every local address
     ],
 )
 def test_host_patterns_with_ports(pattern: str, allowed: list[tuple[str, int | None]],

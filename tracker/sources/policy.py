@@ -98,7 +98,7 @@ class HostPattern:
             return address is not None and address in self.network
         name = self.name or ""
         if name == "*":
-            return bool(host)
+            return True  # '' included: ``udp://@:5000`` listens on every local address
         if name.startswith("*."):
             return host.endswith(name[1:]) and len(host) > len(name) - 1
         if address is not None:
