@@ -1,5 +1,5 @@
 """The streaming predictor's contract beyond equivalence: bad input, bounded state,
-object lifecycle, the prompt window."""
+object lifecycle, the prompt window, the per-frame point budget, object ids."""
 
 from __future__ import annotations
 
@@ -99,7 +99,10 @@ def test_prompt_before_any_frame_and_outside_the_window(model):
     assert p.prompt_frames == [2, 3, 4]
     with pytest.raises(FrameNotAvailableError) as err:
         p.add_points(1, [[5, 5]], [1], frame_idx=1)
-    assert str(err.value) == "frame 1 is older than the prompt window (frames 2..4, 2 s); prompt on a newer frame"
+    assert str(err.value) == (
+        "frame 1 is older than the prompt window (frames 2..4: the last 3 processed frames); "
+        "prompt on a frame in it, e.g. the newest (4)"
+    )
     with pytest.raises(FrameNotAvailableError) as err:
         p.add_points(1, [[5, 5]], [1], frame_idx=9)
     assert str(err.value) == "frame 9 has not been processed yet (newest is 4)"
@@ -108,11 +111,98 @@ def test_prompt_before_any_frame_and_outside_the_window(model):
 
 
 def test_prompt_window_follows_source_time(model):
-    p = StreamingPredictor(model, prompt_window_s=0.1, max_prompt_frames=100)
+    p = StreamingPredictor(model, prompt_window_s=0.1, max_prompt_frames=100, min_prompt_frames=1)
     for f in range(6):
         p.track(FRAMES[f], pts_s=f * 0.04)
     # frames whose pts is within 0.1 s of the newest (0.20 s): 0.12, 0.16, 0.20
     assert p.prompt_frames == [3, 4, 5]
+    p = StreamingPredictor(model, prompt_window_s=0.1, max_prompt_frames=100)
+    for f in range(6):
+        p.track(FRAMES[f], pts_s=f * 0.04)
+    assert p.min_prompt_frames == 4 and p.prompt_frames == [2, 3, 4, 5]  # the last 4 stay however old
+
+
+@pytest.mark.parametrize("clock", ["pts_s", "arrival_s"])
+def test_the_window_holds_the_last_frames_whatever_the_step_time(model, clock):
+    """A model step slower than ``prompt_window_s`` (SAM 2 at 1024 px on a CPU: 6-11 s):
+    the injected clock puts 8 s between processed frames. A window in seconds alone
+    held only the newest frame, so the frame on the operator's screen (the one
+    before it) was never in it; the last ``min_prompt_frames`` always are."""
+    p = StreamingPredictor(model, prompt_window_s=2.0)
+    for f in range(6):
+        p.track(FRAMES[f], **{clock: 100.0 + 8.0 * f})
+    assert p.prompt_frames == [2, 3, 4, 5]
+    # the click on the frame on screen (one step behind the newest) is accepted,
+    # and the object is tracked on the newer frames
+    r = p.add_points(1, click(4), [1], frame_idx=4)
+    assert r.is_prompted and p.track(FRAMES[6], **{clock: 148.0}).objects.keys() == {1}
+    with pytest.raises(FrameNotAvailableError) as err:
+        p.add_points(1, click(1), [1], frame_idx=1)
+    assert str(err.value) == (
+        "frame 1 is older than the prompt window (frames 3..6: the last 4 processed frames, more within 2 s "
+        "of the newest, at most 60); prompt on a frame in it, e.g. the newest (6)"
+    )
+    # still bounded by max_prompt_frames
+    capped = StreamingPredictor(model, max_prompt_frames=2, min_prompt_frames=8)
+    for f in range(4):
+        capped.track(FRAMES[f], **{clock: 100.0 + 8.0 * f})
+    assert capped.min_prompt_frames == 2 and capped.prompt_frames == [2, 3]
+
+
+def grid_points(n: int) -> list[list[float]]:
+    """``n`` distinct points inside the 160x120 frame."""
+    return [[float(10 + (k % 14) * 10), float(10 + (k // 14) * 10)] for k in range(n)]
+
+
+def test_points_accumulated_on_one_frame_are_capped(model):
+    """``clear_old_points=False`` adds a prompt's points to the object's points on
+    that frame; the budget holds for the sum, not just one message."""
+    p = StreamingPredictor(model, max_points_per_frame=8)
+    assert StreamingPredictor(model).max_points_per_frame == 64  # the default
+    p.track(FRAMES[0])
+    pts = grid_points(9)
+    p.add_points(1, pts[:5], [1] * 5, clear_old_points=False)
+    p.add_points(1, pts[5:8], [1, 0, 1], clear_old_points=False)
+    assert p._objects[1].point_inputs[0]["point_labels"].shape[1] == 8  # 8: at the budget, accepted
+    with pytest.raises(PromptError) as err:
+        p.add_points(1, pts[8:9], [1], clear_old_points=False)
+    assert str(err.value) == (
+        "object 1 would have 9 points on frame 0, more than the 8 allowed per object and frame; "
+        "send clear_old_points true to replace its points there, or prompt on a newer frame"
+    )
+    assert p._objects[1].point_inputs[0]["point_labels"].shape[1] == 8  # the refused prompt left nothing
+    with pytest.raises(PromptError) as err:
+        p.add_points(2, pts, [1] * 9)  # one prompt over the budget
+    assert str(err.value) == "a prompt has 9 points, more than the 8 allowed per object and frame"
+    assert p.obj_ids == [1]
+    # what the message says works: clearing, or a newer frame
+    p.add_points(1, pts[8:9], [1], clear_old_points=True)
+    assert p._objects[1].point_inputs[0]["point_labels"].shape[1] == 1
+    p.track(FRAMES[1])
+    p.add_points(1, pts[:8], [1] * 8, clear_old_points=False)
+    assert p._objects[1].point_inputs[1]["point_labels"].shape[1] == 8
+    # a box's corners are not clicks: a box with 8 clicks fits; a box cannot pile up
+    p.add_box(3, [20, 20, 60, 60], points_xy=pts[:8], labels=[1] * 8)
+    assert p._objects[3].point_inputs[1]["point_labels"].tolist() == [[2, 3] + [1] * 8]
+    with pytest.raises(PromptError) as err:
+        p.add_prompt(3, box_xyxy=[20, 20, 70, 70], clear_old_points=False)
+    assert str(err.value) == (
+        "a box cannot be added to earlier points (SAM 2 takes the box first); send it with clear_old_points true"
+    )
+    with pytest.raises(ValueError):
+        StreamingPredictor(model, max_points_per_frame=0)
+
+
+@pytest.mark.parametrize("obj_id", [0, -3, 2**31])
+def test_object_ids_outside_the_protocol_range_are_refused(model, obj_id):
+    p = StreamingPredictor(model)
+    p.track(FRAMES[0])
+    with pytest.raises(PromptError) as err:
+        p.add_points(obj_id, click(0), [1])
+    assert str(err.value) == f"object id must be in [1, 2147483647], got {obj_id}"
+    assert p.obj_ids == []
+    p.add_points(2**31 - 1, click(0), [1])
+    assert p.obj_ids == [2**31 - 1]
 
 
 def test_objects_added_removed_and_reset(model):

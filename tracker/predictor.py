@@ -39,7 +39,7 @@ from PIL import Image
 
 from tracker.errors import FrameError, FrameNotAvailableError, PromptError
 from tracker.model import autocast_context, model_precision
-from tracker.prompts import check_prompt
+from tracker.prompts import check_obj_id, check_prompt
 from tracker.results import FrameResult, ObjectResult, mask_box_xyxy
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,15 @@ class StreamingPredictor:
         prompt_window_s: how far back (source/arrival time) a prompt may reach.
         max_prompt_frames: hard cap on frames kept for prompting (features are
             a few MiB per frame at 1024²).
+        min_prompt_frames: the last processed frames kept for prompting however
+            old they are (capped by ``max_prompt_frames``): the frames a client
+            can have on screen. A time window alone would hold only the newest
+            frame once one model step takes longer than ``prompt_window_s``
+            (SAM 2 at 1024 px on a CPU), and every click would land outside it.
+        max_points_per_frame: clicks one object may hold on one frame, over all
+            its prompts there (``clear_old_points=False`` adds them up). A box's
+            two corners are not counted: a box always starts the frame's prompt
+            afresh (as in SAM 2), so there is at most one. Bounds a prompt's cost.
         max_cond_frames: conditioning frames kept per object: the first prompt
             plus the most recent ones. Meta's predictor keeps all; results stay
             equal to Meta's while an object has at most this many prompted frames.
@@ -163,12 +172,14 @@ class StreamingPredictor:
         *,
         prompt_window_s: float = 2.0,
         max_prompt_frames: int = 60,
+        min_prompt_frames: int = 4,
         max_cond_frames: int = 8,
         corrections_as_cond: bool = True,
         batch_objects: bool = True,
         return_logits: bool = True,
         resize: str = "pil",
         keep_for_reverse: bool = False,
+        max_points_per_frame: int = 64,
     ) -> None:
         if max_cond_frames < 2:
             raise ValueError("max_cond_frames must be at least 2 (the first prompt and the latest)")
@@ -180,6 +191,10 @@ class StreamingPredictor:
         self.image_size: int = int(model.image_size)
         self.prompt_window_s = float(prompt_window_s)
         self.max_prompt_frames = max(1, int(max_prompt_frames))
+        self.min_prompt_frames = max(1, min(int(min_prompt_frames), self.max_prompt_frames))
+        if int(max_points_per_frame) < 1:
+            raise ValueError("max_points_per_frame must be at least 1")
+        self.max_points_per_frame = int(max_points_per_frame)
         self.max_cond_frames = int(max_cond_frames)
         self.corrections_as_cond = corrections_as_cond
         self.batch_objects = bool(batch_objects)
@@ -367,6 +382,11 @@ class StreamingPredictor:
                 obj = _ObjectState(
                     obj_id=obj_id, first_frame_idx=frame_idx, keep_after_first=self._lookback if self.keep_for_reverse else 0
                 )
+            if box_xyxy is not None and not clear_old_points:
+                raise PromptError(
+                    "a box cannot be added to earlier points (SAM 2 takes the box first); "
+                    "send it with clear_old_points true"
+                )
             if point_inputs is not None and not clear_old_points:
                 old = obj.point_inputs.get(frame_idx)
                 if old is not None:
@@ -374,6 +394,9 @@ class StreamingPredictor:
                         "point_coords": torch.cat([old["point_coords"], point_inputs["point_coords"]], dim=1),
                         "point_labels": torch.cat([old["point_labels"], point_inputs["point_labels"]], dim=1),
                     }
+            if point_inputs is not None:
+                clicks = int((point_inputs["point_labels"] < 2).sum())  # labels 2 and 3 are box corners
+                self._check_point_budget(obj_id, frame_idx, clicks, clear_old_points)
             prev_out = obj.output_on(frame_idx)
             is_init_cond_frame = not (obj.first_frame_idx <= frame_idx <= obj.tracked_upto)
             prev_logits = None
@@ -579,12 +602,13 @@ class StreamingPredictor:
             source_index=source_index,
             backbone_fpn=list(backbone_out["backbone_fpn"]),
         )
-        # keep the prompt window: by count, and by time (source pts, else arrival)
+        # keep the prompt window: by count, and by time (source pts, else arrival),
+        # but never fewer than the last min_prompt_frames (the frames on screen)
         while len(self._frames) > self.max_prompt_frames:
             self._frames.popitem(last=False)
         newest_t = pts_s if pts_s is not None else arrival
         key = "pts_s" if pts_s is not None else "arrival_s"
-        while len(self._frames) > 1:
+        while len(self._frames) > self.min_prompt_frames:
             oldest = next(iter(self._frames.values()))
             t = getattr(oldest, key)
             if t is None or newest_t - t <= self.prompt_window_s:
@@ -601,9 +625,16 @@ class StreamingPredictor:
             first, last = next(iter(self._frames)), next(reversed(self._frames))
             if frame_idx > last:
                 raise FrameNotAvailableError(f"frame {frame_idx} has not been processed yet (newest is {last})")
+            if self.min_prompt_frames >= self.max_prompt_frames:
+                kept = f"the last {self.max_prompt_frames} processed frames"
+            else:
+                kept = (
+                    f"the last {self.min_prompt_frames} processed frames, more within {self.prompt_window_s:g} s "
+                    f"of the newest, at most {self.max_prompt_frames}"
+                )
             raise FrameNotAvailableError(
-                f"frame {frame_idx} is older than the prompt window (frames {first}..{last}, "
-                f"{self.prompt_window_s:g} s); prompt on a newer frame"
+                f"frame {frame_idx} is older than the prompt window (frames {first}..{last}: {kept}); "
+                f"prompt on a frame in it, e.g. the newest ({last})"
             )
         return entry
 
@@ -621,9 +652,23 @@ class StreamingPredictor:
     # ------------------------------------------------------------------ prompts
 
     def _check_obj_id(self, obj_id: Any) -> int:
-        if isinstance(obj_id, bool) or not isinstance(obj_id, (int, np.integer)):
-            raise PromptError(f"object id must be an integer, got {obj_id!r}")
-        return int(obj_id)
+        return check_obj_id(obj_id)
+
+    def _check_point_budget(self, obj_id: int, frame_idx: int, n_points: int, clear_old_points: bool) -> None:
+        """Refuse a prompt that would leave object ``obj_id`` with more than
+        ``max_points_per_frame`` clicks on ``frame_idx``: the prompt encoder's
+        cost grows with them, and a client adding points without clearing them
+        could otherwise grow one object's prompt without bound."""
+        limit = self.max_points_per_frame
+        if n_points <= limit:
+            return
+        if clear_old_points:
+            raise PromptError(f"a prompt has {n_points} points, more than the {limit} allowed per object and frame")
+        raise PromptError(
+            f"object {obj_id} would have {n_points} points on frame {frame_idx}, more than the {limit} "
+            f"allowed per object and frame; send clear_old_points true to replace its points there, "
+            f"or prompt on a newer frame"
+        )
 
     def _prompt_inputs(
         self,

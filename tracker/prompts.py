@@ -1,6 +1,6 @@
-"""Checking click/box/mask prompts against a frame, shared by every entry point
-(live predictor, offline annotator, image mode), so a bad prompt gets the same
-clear message wherever it comes from."""
+"""Checking click/box/mask prompts against a frame, and object ids, shared by
+every entry point (live predictor, offline annotator, image mode), so a bad
+prompt gets the same clear message wherever it comes from."""
 
 from __future__ import annotations
 
@@ -10,6 +10,21 @@ from typing import Any
 import numpy as np
 
 from tracker.errors import PromptError
+
+#: object ids are 1 .. 2**31 - 1: what the protocol's ``obj_id`` (an int32 > 0)
+#: and every export format can name
+OBJ_ID_MIN = 1
+OBJ_ID_MAX = 2**31 - 1
+
+
+def check_obj_id(obj_id: Any) -> int:
+    """``obj_id`` as an int, or a PromptError when it is not an integer in
+    [OBJ_ID_MIN, OBJ_ID_MAX]."""
+    if isinstance(obj_id, bool) or not isinstance(obj_id, (int, np.integer)):
+        raise PromptError(f"object id must be an integer, got {obj_id!r}")
+    if not OBJ_ID_MIN <= int(obj_id) <= OBJ_ID_MAX:
+        raise PromptError(f"object id must be in [{OBJ_ID_MIN}, {OBJ_ID_MAX}], got {int(obj_id)}")
+    return int(obj_id)
 
 
 @dataclass
