@@ -122,7 +122,7 @@ def test_parse_source_options_from_strings() -> None:
         ("ftp://h/a.mp4", {}, SourceUnsupportedError,
          "unsupported source ftp://h/a.mp4: unknown scheme 'ftp:'; use a file path, a folder of JPEG/PNG frames, "
          "rtsp://, http(s)://, udp://, rtp://, rtmp://, /dev/videoN or push:NAME"),
-        ("a.mp4", {"speed": 2}, SourceError,
+        ("a.mp4", {"speed": 2}, SourceOptionError,
          "unknown source option 'speed' for a.mp4: use one of mode, timeout_s, rtsp_transport, resize, preprocess, "
          "reconnect, max_backoff_s, reconnect_attempts, realtime, buffer_frames, size, fps, input_format, "
          "autorotate, tls_verify, ca_file, av_options"),

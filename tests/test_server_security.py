@@ -144,9 +144,10 @@ def test_the_policy_allows_only_its_folders_and_hosts(model, tmp_path):
             assert (err["code"], err["message"]) == ("not_allowed", message), uri
             assert "hunter2" not in err["message"]
         err = c.error("open", source="rtsp://cams.example.org/x", options={"av_options": "x"})
-        assert err["code"] == "source_error"
+        assert (err["code"], err["field"]) == ("invalid_message", "options.av_options")
         err = c.error("open", source=str(clip), options={"bogus": 1})
-        assert err["code"] == "source_error" and err["message"].startswith("unknown source option 'bogus'")
+        assert (err["code"], err["field"]) == ("invalid_message", "options.bogus")
+        assert err["message"].startswith("unknown source option 'bogus'")
         # inside the allowed folder: opens, played as a live camera
         opened = c.request("open", source=str(clip))
         assert opened["created"] is True and opened["session"]["source"] == str(clip)

@@ -204,14 +204,16 @@ def parse_source(uri: str, *, policy: SourcePolicy | None = None, **options: Any
         SourceUnsupportedError: unknown scheme or a URL without a host/port.
         SourceOptionError: an option value outside its range (``.option`` names it).
         SourceNotAllowedError: ``policy`` refuses the source or an option value.
-        SourceError: an unknown option or an option that does not apply.
+        SourceOptionError: an unknown option (``.option`` names it).
+        SourceError: an option that does not apply to this kind of source.
     """
     if not isinstance(uri, str) or not uri.strip():
         raise SourceError(f"empty source: {_HINT}")
     unknown = sorted(set(options) - set(_OPTION_NAMES))
     if unknown:
-        raise SourceError(
-            f"unknown source option {unknown[0]!r} for {redact(uri)}: use one of {', '.join(_OPTION_NAMES)}"
+        raise SourceOptionError(
+            f"unknown source option {unknown[0]!r} for {redact(uri)}: use one of {', '.join(_OPTION_NAMES)}",
+            unknown[0],
         )
     if policy is not None:
         policy.check_written(uri)  # before _classify looks at the file system
