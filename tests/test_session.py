@@ -14,6 +14,10 @@ from tests.faults import fail_on_call
 from tests.frames import moving_shapes, shape_centres
 from tracker.ingest import PushSource
 from tracker.predictor import StreamingPredictor
+from tracker.sources.base import ThreadedSource
+from tracker.sources.delivery import EventKind, SourceEvent
+from tracker.sources.frame import FrameConverter
+from tracker.sources.spec import parse_source
 from tracker.results import FrameResult, ObjectResult
 from tracker.session import InferenceWorker, SessionError, SessionEvent, SessionLimits, SessionManager
 
@@ -425,3 +429,190 @@ def test_source_events_after_the_256th_are_still_forwarded(model, worker):
         time.sleep(0.05)
     assert "reconnect 300" in seen
     manager.close_all()
+
+
+# ---------------------------------------------------------------- hardening (issue 11)
+
+
+def log_calls(obj, name: str, log: list[str], tag: str, before=None) -> None:
+    """Append ``tag`` to ``log`` on each call of ``obj.name`` (then ``before()``, then the call)."""
+    original = getattr(obj, name)
+
+    def logged(*args, **kw):
+        log.append(tag)
+        if before is not None:
+            before()
+        return original(*args, **kw)
+
+    setattr(obj, name, logged)
+
+
+@pytest.mark.parametrize("prompts_per_step", [1, 3])
+def test_a_prompt_flood_on_one_session_does_not_starve_another_sessions_frames(model, worker, prompts_per_step):
+    """Session a floods the worker with prompts on its paused frame while b's camera
+    keeps delivering (a frame during each of a's prompts, as a 30 fps camera does
+    during a 0.25 s prompt): b is stepped after every ``prompts_per_step`` of a's
+    prompts. The order of work is asserted, not its speed."""
+    manager = SessionManager(worker, limits=SessionLimits(prompts_per_step=prompts_per_step))
+    a_src, b_src = PushSource("a"), PushSource("b")
+    a, b = manager.open(a_src), manager.open(b_src)
+    qa, qb = collect(a), collect(b)
+    a_src.push(FRAMES[0])
+    b_src.push(FRAMES[0])
+    next_result(qa), next_result(qb)
+    a.pause()
+    log: list[str] = []
+
+    def b_camera_delivers() -> None:
+        b_src.push(FRAMES[len(log) % len(FRAMES)])
+        deadline = time.time() + 10
+        while b.stats.frames_in < 1 + log.count("a") and time.time() < deadline:  # in b's mailbox
+            time.sleep(0.005)
+
+    log_calls(a.predictor, "add_prompt", log, "a", before=b_camera_delivers)
+    log_calls(b.predictor, "propagate", log, "b")
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(30))  # the whole flood is queued before the worker looks
+    flood = [
+        a.add_prompt(1, points_xy=[[10.0 + 8 * k, 20.0]], labels=[1], frame_idx=0, clear_old_points=False)
+        for k in range(8)
+    ]
+    assert worker.queued_commands(a) == 8
+    gate.set()
+    assert [f.result(60).obj_id for f in flood] == [1] * 8
+    turns = -(-8 // prompts_per_step)
+    for _ in range(turns):
+        next_result(qb)
+    expected: list[str] = []
+    for turn in range(turns):  # a's turn, then a frame step in which b takes its newest frame
+        expected += ["a"] * min(prompts_per_step, 8 - turn * prompts_per_step) + ["b"]
+    assert log == expected
+    assert a.predictor._objects[1].point_inputs[0]["point_labels"].shape[1] == 8  # the points did add up
+    manager.close_all()
+
+
+def test_one_sessions_commands_never_queue_behind_another_sessions_flood(model, worker):
+    """Commands wait in one queue per session, served in turn: c's one prompt runs
+    after at most one of a's ten (prompts_per_step = 1), not after all of them."""
+    manager = SessionManager(worker)
+    a_src, c_src = PushSource("a"), PushSource("c")
+    a, c = manager.open(a_src), manager.open(c_src)
+    qa, qc = collect(a), collect(c)
+    a_src.push(FRAMES[0])
+    c_src.push(FRAMES[0])
+    next_result(qa), next_result(qc)
+    ran: list[str] = []
+    log_calls(a.predictor, "add_prompt", ran, "a")
+    log_calls(c.predictor, "add_prompt", ran, "c")
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(30))
+    flood = [a.add_prompt(1, points_xy=[[10.0 + 8 * k, 20.0]], labels=[1], clear_old_points=False) for k in range(10)]
+    other = c.add_prompt(None, points_xy=[[40, 40]], labels=[1])
+    gate.set()
+    assert other.result(60).obj_id == 1
+    for f in flood:
+        f.result(60)
+    assert ran.index("c") == 1 and ran.count("a") == 10
+    manager.close_all()
+
+
+def test_new_object_ids_stay_in_the_protocol_range(model, worker, monkeypatch):
+    """After 2^31 - 1 the next new object gets the lowest free id, not 2^31; an
+    explicit id outside [1, 2^31 - 1] is refused before it reaches the worker."""
+    from tracker.errors import PromptError
+
+    manager = SessionManager(worker, limits=SessionLimits(max_objects=4))
+    src = PushSource("ids")
+    session = manager.open(src)
+    q = collect(session)
+    src.push(FRAMES[0])
+    next_result(q)
+    top = 2**31 - 1
+    assert session.add_prompt(top, points_xy=[[30, 30]], labels=[1]).result(30).obj_id == top
+    assert session.add_prompt(None, points_xy=[[60, 60]], labels=[1]).result(30).obj_id == 1
+    assert session.add_prompt(None, points_xy=[[90, 60]], labels=[1]).result(30).obj_id == 2
+    session.remove_object(1).result(30)
+    assert session.add_prompt(None, points_xy=[[120, 60]], labels=[1]).result(30).obj_id == 1
+    assert sorted(session.predictor.obj_ids) == [1, 2, top]
+    for bad in (top + 1, 0):
+        with pytest.raises(PromptError) as err:
+            session.add_prompt(bad, points_xy=[[30, 30]], labels=[1])
+        assert str(err.value) == f"object id must be in [1, 2147483647], got {bad}"
+    # past the range (made small here: 2^31 - 1 objects do not fit in a test) a clear error
+    monkeypatch.setattr("tracker.session.OBJ_ID_MAX", 3)
+    with pytest.raises(SessionError) as err:
+        session._new_obj_id({1, 2, 3})
+    assert str(err.value) == (
+        f"session {session.id} has no free object id: every id in [1, 3] is taken; remove an object first"
+    )
+    assert session._new_obj_id({1, 3}) == 2 and session._new_obj_id({1}) == 2
+    manager.close_all()
+
+
+class DroppingCamera(ThreadedSource):
+    """Stands in for a network camera (a ThreadedSource, as the RTSP/UDP readers
+    are): its thread delivers frames until ``go_silent``, then emits DROPPED as a
+    reader does when a read times out and delivers nothing until ``come_back``,
+    then RECONNECTED and frames again."""
+
+    def __init__(self) -> None:
+        super().__init__(parse_source("push:dropping-camera"))
+        self._converter = FrameConverter(self.spec)
+        self.go_silent, self.come_back = threading.Event(), threading.Event()
+        self.dropped_event: SourceEvent | None = None
+        self._start()
+
+    def _deliver_until(self, stop: threading.Event) -> None:
+        while not self._stop.is_set() and not stop.is_set():
+            image = FRAMES[self._next_index % len(FRAMES)]
+            self._buffer.put(self._converter.from_array(image, self._next_index, self._next_index / 10, time.time()))
+            self._next_index += 1
+            self._stop.wait(0.1)
+
+    def _run(self) -> None:
+        self._deliver_until(self.go_silent)
+        self.dropped_event = self.events.emit(
+            EventKind.DROPPED, "camera dropped: no data within the read timeout", self._next_index
+        )
+        while not self.come_back.wait(0.05):
+            if self._stop.is_set():
+                return
+        self.events.emit(EventKind.RECONNECTED, "camera reconnected", self._next_index, 1)
+        self._deliver_until(self._stop)
+
+
+def test_source_dropped_reaches_subscribers_while_no_frame_comes(model, worker):
+    """The old reader forwarded source events only when a frame arrived, so a dropped
+    camera's ``source_dropped`` came once it was back. Now it comes as the source
+    emits it (within a second), with no frame in between; ``source_reconnected``
+    when it returns; each event once."""
+    manager = SessionManager(worker)
+    camera = DroppingCamera()
+    session = manager.open(camera)
+    q = collect(session)
+    next_result(q), next_result(q)
+    camera.go_silent.set()
+    deadline = time.time() + 10
+    dropped = None
+    while dropped is None and time.time() < deadline:
+        item = q.get(timeout=max(0.01, deadline - time.time()))
+        if isinstance(item, SessionEvent) and item.kind == "source_dropped":
+            dropped = item
+    assert dropped is not None and dropped.message == "camera dropped: no data within the read timeout"
+    assert camera.dropped_event is not None and dropped.time_s - camera.dropped_event.time_s < 1.0
+    assert camera.stats.decoded == camera.dropped_event.next_index  # no frame since the drop
+    camera.come_back.set()
+    kinds: list[str] = []
+    deadline = time.time() + 30
+    while "frame" not in kinds and time.time() < deadline:
+        item = q.get(timeout=max(0.01, deadline - time.time()))
+        if isinstance(item, SessionEvent):
+            kinds.append(item.kind)
+        elif item.source_index >= camera.dropped_event.next_index:  # not one still in flight at the drop
+            kinds.append("frame")
+    assert kinds[0] == "source_reconnected" and kinds[-1] == "frame", kinds
+    next_result(q)  # the reader has looked at the event log with frames since: nothing twice
+    again = [item.kind for item in list(q.queue) if isinstance(item, SessionEvent)]
+    assert "source_dropped" not in again and "source_reconnected" not in again
+    manager.close_all()
+    assert camera.events._listeners == []  # the closed session stopped listening

@@ -5,10 +5,16 @@ objects. Its reader thread takes the source's newest frame and leaves it in a
 one-slot mailbox (a newer frame replaces an unprocessed one: lag never grows).
 
 One :class:`InferenceWorker` per device owns the model. It runs every
-session's model work on its own thread, prompts first (an operator waits on
-them), then the newest frames of up to ``max_batch`` sessions through the
-image encoder as one batch, then each session's memory attention and heads.
-Sessions are served round-robin, so none waits more than one step for another.
+session's model work on its own thread, in rounds: a few prompt/control
+commands of each session that has some (at most its ``prompts_per_step``,
+sessions round-robin: an operator waits on them), then the newest frames of up
+to ``max_batch`` sessions through the image encoder as one batch, then each
+session's memory attention and heads. Sessions are served round-robin, so none
+waits more than one step for another, and a flood of one session's prompts
+neither starves other sessions' frames nor queues ahead of their prompts.
+
+Source events (dropped, reconnected, ended, failed) reach subscribers as the
+source emits them, not with the next frame: a dropped camera sends none.
 
 A failure inside a step (a model error, CUDA out of memory, a bad frame) is
 contained to its session: its subscribers get an ``error`` event, the frame is
@@ -32,11 +38,10 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import queue
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -46,6 +51,7 @@ import torch
 from tracker.errors import SourceError, TrackerError
 from tracker.model import model_autocast
 from tracker.predictor import StreamingPredictor
+from tracker.prompts import OBJ_ID_MAX, OBJ_ID_MIN, check_obj_id
 from tracker.results import FrameResult, ObjectResult
 
 logger = logging.getLogger(__name__)
@@ -167,6 +173,8 @@ class TrackingSession:
         self._mailbox: Any = None  # newest unprocessed frame (one slot)
         self._pending_ids: set[int] = set()  # object ids prompted, not yet applied by the worker
         self._last_event_seq = -1  # newest source event already forwarded
+        self._events_lock = threading.Lock()  # the reader and the source's thread both forward events
+        self._source_over = False  # the source reported its end (ended / failed)
         self._not_visible: dict[int, int] = {}  # obj_id -> consecutive frames with score <= 0
         self._lost: set[int] = set()
         self._stop = threading.Event()
@@ -174,6 +182,10 @@ class TrackingSession:
         self.on_out_of_memory: Callable[[TrackingSession], None] | None = None
         self._reader = threading.Thread(target=self._read_loop, name=f"session-{self.id}-reader", daemon=True)
         worker.attach(self)
+        events = getattr(source, "events", None)
+        self._events = events if hasattr(events, "add_listener") else None
+        if self._events is not None:
+            self._events.add_listener(self._on_source_event)
         self._reader.start()
 
     # ------------------------------------------------------------ subscribers
@@ -232,12 +244,14 @@ class TrackingSession:
         PromptError/SessionError that refused it.
         """
         self._check_open()
+        if obj_id is not None:
+            obj_id = check_obj_id(obj_id)
         with self._lock:
             # ids handed out but not yet applied by the worker count too, so two
             # clients creating objects at the same moment get two ids
             known = set(self.predictor.obj_ids) | self._pending_ids
             if obj_id is None:
-                obj_id = max(known, default=0) + 1
+                obj_id = self._new_obj_id(known)
             if obj_id not in known and len(known) >= self.limits.max_objects:
                 raise SessionError(
                     f"session {self.id} already tracks {self.limits.max_objects} objects (the limit); remove one first"
@@ -252,7 +266,23 @@ class TrackingSession:
                 with self._lock:
                     self._pending_ids.discard(obj_id)
 
-        return self.worker.submit(run)
+        return self.worker.submit(run, session=self)
+
+    def _new_obj_id(self, known: set[int]) -> int:
+        """The next id after the largest one in use; once that would leave
+        [OBJ_ID_MIN, OBJ_ID_MAX] (which clients can name), the lowest free one."""
+        candidate = max(known, default=OBJ_ID_MIN - 1) + 1
+        if candidate <= OBJ_ID_MAX:
+            return candidate
+        expected = OBJ_ID_MIN
+        for used in sorted(known):
+            if used != expected:
+                return expected
+            expected += 1
+        raise SessionError(
+            f"session {self.id} has no free object id: every id in [{OBJ_ID_MIN}, {OBJ_ID_MAX}] is taken; "
+            "remove an object first"
+        )
 
     def remove_object(self, obj_id: int) -> "Future[None]":
         self._check_open()
@@ -262,7 +292,7 @@ class TrackingSession:
             self._not_visible.pop(obj_id, None)
             self._lost.discard(obj_id)
 
-        return self.worker.submit(run)
+        return self.worker.submit(run, session=self)
 
     def reset(self) -> "Future[None]":
         self._check_open()
@@ -272,7 +302,7 @@ class TrackingSession:
             self._not_visible.clear()
             self._lost.clear()
 
-        return self.worker.submit(run)
+        return self.worker.submit(run, session=self)
 
     def close(self, reason: str = "closed") -> None:
         with self._lock:  # worker and predictor as they are now: a move to the CPU cannot slip in
@@ -282,6 +312,8 @@ class TrackingSession:
             worker, predictor = self.worker, self.predictor
         self._stop.set()
         worker.detach(self)
+        if self._events is not None:
+            self._events.remove_listener(self._on_source_event)
         try:
             self.source.close()
         except Exception:
@@ -290,8 +322,9 @@ class TrackingSession:
         with self._lock:
             self._subscribers.clear()
             self._frame_subscribers.clear()
-        # free model state on the worker thread, after any step in flight
-        worker.submit(predictor.close)
+        # free model state on the worker thread, after any step in flight and
+        # after this session's queued commands
+        worker.submit(predictor.close, session=self)
 
     def tracking_values(self) -> dict[str, Any]:
         """Every tracking option's value in this session (chosen or default)."""
@@ -328,17 +361,24 @@ class TrackingSession:
 
     # ------------------------------------------------------------ reader / worker side
 
+    def _on_source_event(self, event: Any) -> None:
+        """The source's EventLog listener (on the thread that emitted the event):
+        forward at once, so a source that stopped delivering frames is still heard."""
+        if not self._stop.is_set():
+            self._forward_source_events()
+
     def _forward_source_events(self) -> bool:
-        """Publish the source's new events (by sequence number: the log keeps only
-        the newest ones); True once it reported its end."""
-        ended = False
-        for ev in self.source.events.snapshot():
-            if ev.seq <= self._last_event_seq:
-                continue
-            self._last_event_seq = ev.seq
-            ended = ended or ev.kind.value in ("ended", "failed")
-            self._event(f"source_{ev.kind.value}", ev.message)
-        return ended
+        """Publish the source's new events, each once (by sequence number: the log
+        keeps only the newest ones, and both the reader and the source's listener
+        call this); True once the source reported its end."""
+        with self._events_lock:
+            for ev in self.source.events.snapshot():
+                if ev.seq <= self._last_event_seq:
+                    continue
+                self._last_event_seq = ev.seq
+                self._source_over = self._source_over or ev.kind.value in ("ended", "failed")
+                self._event(f"source_{ev.kind.value}", ev.message)
+            return self._source_over
 
     def _read_loop(self) -> None:
         ended = False
@@ -346,7 +386,7 @@ class TrackingSession:
             for frame in self.source:
                 if self._stop.is_set():
                     break
-                ended = self._forward_source_events() or ended
+                ended = self._forward_source_events() or ended  # events from before the listener
                 if self.state != "running":
                     continue
                 with self._lock:
@@ -356,8 +396,7 @@ class TrackingSession:
                     self.stats.frames_in += 1
                 self.worker.wake()
         except SourceError as e:
-            if not self._stop.is_set():
-                self._forward_source_events()
+            if not self._stop.is_set() and not self._forward_source_events():
                 self._event("source_failed", str(e))
         except Exception as e:  # never let a reader thread die silently
             logger.exception("session %s: reader failed", self.id)
@@ -438,15 +477,27 @@ class InferenceWorker:
     """The one thread that runs model work for every session on one device.
 
     ``model`` fixes the device; sessions may bring other models on that device
-    (each step batches the sessions that share one model)."""
+    (each step batches the sessions that share one model).
 
-    def __init__(self, model: torch.nn.Module, *, max_batch: int = 4, name: str = "inference") -> None:
+    Commands (prompts, removals, resets: :meth:`submit`) wait in one FIFO per
+    session. Each round runs at most ``prompts_per_step`` of each session's
+    commands (its ``limits.prompts_per_step``; commands of no session take
+    this worker's ``prompts_per_step``), sessions in turn, then one frame step:
+    however many prompts one session queues, another session's frames are
+    stepped between them, and its commands wait behind a bounded number."""
+
+    def __init__(
+        self, model: torch.nn.Module, *, max_batch: int = 4, name: str = "inference", prompts_per_step: int = 1
+    ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.max_batch = max(1, int(max_batch))
+        self.prompts_per_step = max(1, int(prompts_per_step))
         self._sessions: list[TrackingSession] = []
         self._rr = 0
-        self._commands: "queue.SimpleQueue[tuple[Callable[[], Any], Future]]" = queue.SimpleQueue()
+        #: owner (a session, or None) -> its commands, oldest first; owners in turn order
+        self._commands: "OrderedDict[TrackingSession | None, deque[tuple[Callable[[], Any], Future]]]" = OrderedDict()
+        self._commands_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -467,15 +518,23 @@ class InferenceWorker:
     def wake(self) -> None:
         self._wake.set()
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the worker thread (before any pending frames); returns a Future."""
+    def submit(self, fn: Callable[[], Any], *, session: TrackingSession | None = None) -> Future:
+        """Run ``fn`` on the worker thread, in ``session``'s command queue (see the
+        class docstring: before that session's next frame unless it has queued
+        more than ``prompts_per_step`` commands); returns a Future."""
         fut: Future = Future()
         if self._stop.is_set():
             fut.set_exception(SessionError("the inference worker has stopped"))
             return fut
-        self._commands.put((fn, fut))
+        with self._commands_lock:
+            self._commands.setdefault(session, deque()).append((fn, fut))
         self._wake.set()
         return fut
+
+    def queued_commands(self, session: TrackingSession | None = None) -> int:
+        """Commands of ``session`` (None: of no session) not yet started."""
+        with self._commands_lock:
+            return len(self._commands.get(session, ()))
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -491,22 +550,38 @@ class InferenceWorker:
                 did = self._step_frames() or did
                 if not did:
                     break
-        self._run_commands()
+        while self._run_commands(drain=True):  # stopping: finish what was asked
+            pass
 
-    def _run_commands(self) -> bool:
+    def _run_commands(self, drain: bool = False) -> bool:
+        """One round: each owner's next commands, at most its ``prompts_per_step``
+        (``drain``: all of them), owners in turn. True if any ran."""
         did = False
-        while True:
-            try:
-                fn, fut = self._commands.get_nowait()
-            except queue.Empty:
-                return did
-            did = True
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # delivered to whoever waits on the future
-                fut.set_exception(e)
+        with self._commands_lock:
+            owners = list(self._commands)
+        for owner in owners:
+            budget = owner.limits.prompts_per_step if owner is not None else self.prompts_per_step
+            taken = 0
+            while drain or taken < max(1, budget):
+                with self._commands_lock:
+                    pending = self._commands.get(owner)
+                    if not pending:
+                        self._commands.pop(owner, None)
+                        break
+                    fn, fut = pending.popleft()
+                    if pending:
+                        self._commands.move_to_end(owner)  # its turn is over: the others go first next round
+                    else:
+                        del self._commands[owner]
+                taken += 1
+                did = True
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # delivered to whoever waits on the future
+                    fut.set_exception(e)
+        return did
 
     def _step_frames(self) -> bool:
         with self._lock:
@@ -723,7 +798,9 @@ class SessionManager:
             max_points_per_frame=self.limits.max_points_per_frame,
             prompts_per_step=self.limits.prompts_per_step,
         )
-        predictor_options = {**self.predictor_options, **options}
+        # the point budget is a limit, not a client's choice; kept with the options
+        # so a move to the CPU rebuilds the predictor with it
+        predictor_options = {**self.predictor_options, **options, "max_points_per_frame": limits.max_points_per_frame}
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 source.close()
@@ -753,7 +830,9 @@ class SessionManager:
         device = str(next(model.parameters()).device)
         worker = self._workers.get(device)
         if worker is None:
-            worker = self._workers[device] = InferenceWorker(model, max_batch=self.worker.max_batch, name=f"inference-{device}")
+            worker = self._workers[device] = InferenceWorker(
+                model, max_batch=self.worker.max_batch, name=f"inference-{device}", prompts_per_step=self.worker.prompts_per_step
+            )
         return worker
 
     def _move_to_cpu(self, session: TrackingSession) -> None:

@@ -78,9 +78,13 @@ class SourceEvent:
 class EventLog:
     """Thread-safe, bounded record of a source's events, with a way to wait for one.
 
-    Consumers poll with :meth:`drain` (or iterate a snapshot) between frames, or
-    block in :meth:`wait_for`; ``callback`` (if given) is called on the decode
-    thread for each event and must return quickly.
+    Consumers poll with :meth:`drain` (or iterate a snapshot) between frames,
+    block in :meth:`wait_for`, or register a listener (:meth:`add_listener`)
+    to hear of each event as it is emitted: a source that stopped delivering
+    frames (dropped, reconnecting) gives a frame-driven consumer nothing to
+    poll between. ``callback`` (if given) is the first listener. Listeners are
+    called on the emitting (decode) thread, outside the log's lock, and must
+    return quickly.
     """
 
     def __init__(self, maxlen: int = 256, callback: Callable[[SourceEvent], None] | None = None) -> None:
@@ -88,7 +92,7 @@ class EventLog:
         self._cond = threading.Condition()
         self._seq = 0
         self._drained_seq = 0
-        self._callback = callback
+        self._listeners: list[Callable[[SourceEvent], None]] = [callback] if callback is not None else []
 
     def emit(self, kind: EventKind, message: str, next_index: int, attempts: int = 0) -> SourceEvent:
         with self._cond:
@@ -96,12 +100,24 @@ class EventLog:
             self._seq += 1
             self._events.append(event)
             self._cond.notify_all()
-        if self._callback is not None:
+            listeners = list(self._listeners)
+        for listener in listeners:
             try:
-                self._callback(event)
+                listener(event)
             except Exception:  # a consumer's bug must not stop the decoder
                 log.exception("on_event callback failed for %s", event.kind.value)
         return event
+
+    def add_listener(self, listener: Callable[[SourceEvent], None]) -> None:
+        """Call ``listener(event)`` for every event emitted from now on."""
+        with self._cond:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[SourceEvent], None]) -> None:
+        """Stop calling ``listener``; a listener not registered is ignored."""
+        with self._cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def snapshot(self) -> list[SourceEvent]:
         with self._cond:
