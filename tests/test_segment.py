@@ -153,6 +153,24 @@ def test_one_embedding_many_prompts(model, image, monkeypatch):
     assert calls == [2]
 
 
+def test_out_of_memory_for_a_batch_encodes_one_by_one(model, image, others, embeddings, monkeypatch, caplog):
+    seg = ImageSegmenter(model)
+    calls = []
+    orig = model.forward_image
+
+    def forward_image(x):
+        calls.append(len(x))
+        if len(x) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return orig(x)
+
+    monkeypatch.setattr(model, "forward_image", forward_image)
+    out = seg.embed([seg.prepare(im) for im in (image, others[0])])
+    assert calls == [2, 1, 1]
+    assert _max_diff(out[0].embedding, embeddings["alone"]) <= 1e-5
+    assert "image encoder out of memory for 2 images at once; encoding them one by one" in caplog.text
+
+
 def test_prepare_is_meta_transform(seg, image):
     prepared = seg.prepare(image)
     assert prepared.size_hw == (H, W)

@@ -9,10 +9,9 @@ Keys (:class:`EmbeddingKey`) are the pair (image content, model):
 
 - the image part is the sha256 of the *decoded pixels* and their shape
   (:func:`image_digest`), not of the uploaded bytes. The embedding is a
-  function of the pixels only, so the same picture sent as PNG and as JPEG
-  re-saved losslessly, with or without metadata, from a path or as an array,
-  shares one entry, and an EXIF-rotated photo does not share an entry with its
-  unrotated pixels. Hashing 1024 x 1024 RGB pixels takes about 2 ms, nothing
+  function of the pixels only, so the same picture as PNGs of two compression
+  levels, with or without metadata, from a path or as an array, shares one
+  entry. Hashing 1024 x 1024 RGB pixels takes about 2 ms, nothing
   next to the encoder; decoding before the lookup is the price.
 - the model part is :func:`model_key`: one key per loaded model object (a CPU
   fallback copy or another precision is another key, as its embeddings
@@ -38,6 +37,11 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
+
+
+#: a server's default budget: about 64 images at image_size 1024 in float32
+#: (16 MiB each: image_embed 4 MiB, high_res_feats 8 + 4 MiB), 128 in bf16
+DEFAULT_BUDGET_BYTES = 1 << 30
 
 
 class Sized(Protocol):

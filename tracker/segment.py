@@ -244,7 +244,7 @@ class ImageSegmenter:
         for k in range(0, len(keys), step):
             chunk = keys[k : k + step]
             t0 = time.perf_counter()
-            embeddings = self.encode_batch([images[todo[key][0]] for key in chunk])
+            embeddings = self._encode_or_split([images[todo[key][0]] for key in chunk])
             share = (time.perf_counter() - t0) / len(chunk)
             for key, embedding in zip(chunk, embeddings):
                 if cache is not None:
@@ -254,6 +254,20 @@ class ImageSegmenter:
                 for j in dups:
                     out[j] = Embedded(embedding, True, 0.0)
         return [e for e in out if e is not None]
+
+    def _encode_or_split(self, images: list[PreparedImage]) -> list[ImageEmbedding]:
+        """:meth:`encode_batch`; out of CUDA memory with several images, one by one
+        (as the inference worker does for video frames). An image that does not
+        fit alone raises, for the caller's CPU fallback."""
+        try:
+            return self.encode_batch(images)
+        except torch.cuda.OutOfMemoryError:
+            if len(images) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("image encoder out of memory for %d images at once; encoding them one by one", len(images))
+            return [self.encode_batch([image])[0] for image in images]
 
     def set_image(self, image_rgb: np.ndarray) -> None:
         """Embed an image (H x W x 3 uint8 RGB); later prompts without an
