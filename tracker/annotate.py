@@ -21,6 +21,12 @@ frame 0. For objects sharing their first prompted frame this is exactly Meta's
 prompted on different frames are tracked independently (SAM 2.1 tracks objects
 independently anyway), never on frames before their first prompt in the
 forward pass.
+
+A clip shorter than SAM 2's object-pointer window (16 frames) is tracked with
+its exact length, as Meta's predictor does (it scales the pointers' temporal
+encoding by ``min(num_frames, 16)``): an image folder's length is its file
+count, a file's the count of frames decoded in the prompt pass, which reads up
+to 16 frames (a header's count may be wrong, e.g. in a truncated file).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import torch
 
 from tracker.errors import MaskError, PromptError, SourceError, TrackerError
 from tracker.predictor import PreparedFrame, StreamingPredictor
+from tracker.probe import SourceProbe
 from tracker.prompts import check_prompt
 from tracker.results import FrameResult, ObjectResult
 
@@ -155,6 +162,9 @@ class AnnotateStats:
     backward_frames: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
+    #: frames the forward pass decoded: the video's real length (None when a
+    #: resumed run starts in the backward pass); a header may have said otherwise
+    video_frames: int | None = None
 
 
 @dataclass
@@ -201,30 +211,22 @@ class _FrameStore:
         self.path.unlink(missing_ok=True)
 
 
-def probe_video(video: str) -> tuple[int, int, float | None]:
-    """(height, width, fps) of a video's upright frames, from its first frame."""
-    from tracker.ingest import open_source
+def check_prompts(prompts: Sequence[Prompt], probe: SourceProbe) -> None:
+    """Check the prompts against what the video says about itself, before any model work.
 
-    with open_source(video, mode="file") as source:
-        for frame in source:
-            h, w = frame.source_size
-            return h, w, source.fps
-    raise SourceError(f"{video} has no frames")
-
-
-def estimate_frame_count(video: str) -> int | None:
-    """Frames in the video, if its folder or container header says (for progress bars)."""
-    exact = _frame_count_hint(video)
-    if exact is not None:
-        return exact
-    try:
-        import av
-
-        with av.open(video) as container:
-            n = container.streams.video[0].frames
-            return int(n) or None
-    except Exception:
-        return None
+    A prompt on a frame past the end (where the container or folder gives the
+    length), a point or box outside the frame, a mask of another size (where
+    the size is known): each is a PromptError naming the prompt. :func:`annotate`
+    checks again against the decoded frames, since a header can be wrong.
+    """
+    if not prompts:
+        raise PromptError("no prompts given: add at least one point, box or mask")
+    plan = _plan(prompts)
+    for f in plan.prompts_by_frame:
+        probe.check_frame(f)
+    size_hw = probe.size_hw
+    if size_hw is not None:
+        _validate_prompts(plan, lambda f: size_hw)
 
 
 def _frame_count_hint(video: str) -> int | None:
@@ -256,7 +258,9 @@ def annotate(
 
     Args:
         work_dir: where the resume state and the backward-pass frame store live
-            (default: a temporary folder; give one for ``resume``).
+            (default: a temporary folder; give one for ``resume``). Made once
+            the prompts fit their frames; removed when it ends up empty (a
+            finished run, or one stopped before its first state checkpoint).
         resume: continue from ``work_dir``'s last state checkpoint.
         skip_frames: frames already on disk (from the writers): computed when the
             tracking needs them, but not yielded again.
@@ -266,13 +270,6 @@ def annotate(
     stats = stats if stats is not None else AnnotateStats()
     skip = skip_frames or set()
     plan = _plan(prompts)
-    tmp = None
-    if work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="sam2-annotate-")
-        work_dir = tmp.name
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    state_path = work / STATE_FILE
     t0 = time.perf_counter()
 
     from tracker.ingest import open_source
@@ -284,47 +281,64 @@ def annotate(
         keep_for_reverse=True,
         batch_objects=batch_objects,
     )
-    hint = _frame_count_hint(video)
-    if hint is not None:
-        predictor.num_frames = hint
 
-    # pass 1: the prompted frames (decode only up to the last one)
-    prompt_frames = _read_frames(open_source, video, set(plan.prompts_by_frame))
+    # pass 1: the prompted frames, and the length of a video shorter than the
+    # object-pointer window (Meta's window is min(num_frames, 16) frames: a short
+    # clip's results depend on its exact length, which only decoding tells)
+    window = int(model.max_obj_ptrs_in_encoder)
+    prompt_frames, count = _read_frames(
+        open_source, video, set(plan.prompts_by_frame), upto=max(max(plan.prompts_by_frame) + 1, window)
+    )
     missing = sorted(set(plan.prompts_by_frame) - set(prompt_frames))
     if missing:
-        raise PromptError(
-            f"prompt on frame {missing[0]} but {video} has only {_count_frames(open_source, video)} frames"
-        )
-    masks = _validate_prompts(plan, prompt_frames)
+        raise PromptError(f"prompt on frame {missing[0]} but {video} has only {count} frames")
+    hint = _frame_count_hint(video)
+    if hint is not None:
+        predictor.num_frames = hint  # a folder: its files, as Meta's loader counts them
+    elif count is not None:
+        predictor.num_frames = count
+    masks = _validate_prompts(plan, lambda f: prompt_frames[f][1])
 
-    saved = _load_state(state_path, predictor.device) if resume else None
-    partial: dict[int, dict[int, ObjectResult]] = {}
-    if saved is not None:
-        predictor.load_state_dict(saved["predictor"])
-        phase, done_upto = saved["phase"], saved["frame_idx"]
-        partial = saved["partial"]
-        stats.resumed_from = done_upto
-        logger.info("resuming %s pass after frame %d", phase, done_upto)
-    else:
-        phase, done_upto = "forward", -1
-        for f, frame_prompts in plan.prompts_by_frame.items():
-            image, source_hw, pts_s = prompt_frames[f]
-            predictor.encode(f, image, source_size=source_hw, pts_s=pts_s, source_index=f)
-            for p in _merge(frame_prompts):
-                predictor.add_prompt(
-                    p.obj_id,
-                    points_xy=p.points_xy,
-                    labels=p.labels,
-                    box_xyxy=p.box_xyxy,
-                    mask_hw=masks.get((p.obj_id, f)),
-                    frame_idx=f,
-                )
-            predictor.finalize_prompts()
-    del prompt_frames
+    # the work folder only once the prompts fit: a refused run leaves nothing behind
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="sam2-annotate-")
+        work_dir = tmp.name
+    work = Path(work_dir)
+    created = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / STATE_FILE
 
-    store = _FrameStore(plan.keep_until, predictor.image_size, work)
-    start = min(plan.first_frame.values())
+    store: _FrameStore | None = None
+    finished = False
     try:
+        saved = _load_state(state_path, predictor.device) if resume else None
+        partial: dict[int, dict[int, ObjectResult]] = {}
+        if saved is not None:
+            predictor.load_state_dict(saved["predictor"])
+            phase, done_upto = saved["phase"], saved["frame_idx"]
+            partial = saved["partial"]
+            stats.resumed_from = done_upto
+            logger.info("resuming %s pass after frame %d", phase, done_upto)
+        else:
+            phase, done_upto = "forward", -1
+            for f, frame_prompts in plan.prompts_by_frame.items():
+                image, source_hw, pts_s = prompt_frames[f]
+                predictor.encode(f, image, source_size=source_hw, pts_s=pts_s, source_index=f)
+                for p in _merge(frame_prompts):
+                    predictor.add_prompt(
+                        p.obj_id,
+                        points_xy=p.points_xy,
+                        labels=p.labels,
+                        box_xyxy=p.box_xyxy,
+                        mask_hw=masks.get((p.obj_id, f)),
+                        frame_idx=f,
+                    )
+                predictor.finalize_prompts()
+        del prompt_frames
+
+        store = _FrameStore(plan.keep_until, predictor.image_size, work)
+        start = min(plan.first_frame.values())
         if phase == "forward":
             def wanted(idx: int) -> bool:  # kept for the backward pass, or tracked now
                 return idx < plan.keep_until or (idx >= start and idx > done_upto)
@@ -332,6 +346,7 @@ def annotate(
             with closing(_on_thread(_read_ahead(open_source, video, predictor, wanted))) as frames:
                 for ahead in frames:
                     idx = ahead.idx
+                    stats.video_frames = idx + 1
                     if ahead.frame is None:
                         continue
                     store.put(idx, ahead.frame.image, ahead.frame.source_size, ahead.pts_s)
@@ -374,11 +389,15 @@ def annotate(
                 if checkpoint_every and idx % checkpoint_every == 0:
                     _save_state(state_path, predictor, "backward", idx, partial)
         state_path.unlink(missing_ok=True)
+        finished = True
     finally:
-        store.close()
+        if store is not None:
+            store.close()
         stats.seconds = time.perf_counter() - t0
         if tmp is not None:
             tmp.cleanup()
+        elif (created or finished) and work.is_dir() and not any(work.iterdir()):
+            work.rmdir()  # nothing to resume from: no empty folder left behind
 
 
 def _compact(objects: dict[int, ObjectResult]) -> dict[int, dict[str, Any]]:
@@ -418,21 +437,24 @@ def _merge(prompts: list[Prompt]) -> list[Prompt]:
     return list(merged.values())
 
 
-def _read_frames(open_source: Any, video: str, wanted: set[int]) -> dict[int, tuple[np.ndarray, tuple[int, int], float | None]]:
+def _read_frames(
+    open_source: Any, video: str, wanted: set[int], upto: int
+) -> tuple[dict[int, tuple[np.ndarray, tuple[int, int], float | None]], int | None]:
+    """The ``wanted`` frames, decoding at most frames ``0 .. upto-1``.
+
+    Returns them and the video's frame count when it ended within those
+    frames (None: it has at least ``upto``).
+    """
     out = {}
-    last = max(wanted)
     with open_source(video, mode="file") as source:
+        n = 0
         for idx, frame in enumerate(source):
             if idx in wanted:
                 out[idx] = (frame.image_rgb, frame.source_size, frame.pts_s)
-            if idx >= last:
-                break
-    return out
-
-
-def _count_frames(open_source: Any, video: str) -> int:
-    with open_source(video, mode="file") as source:
-        return sum(1 for _ in source)
+            n = idx + 1
+            if n >= upto:
+                return out, None
+    return out, n
 
 
 @dataclass
@@ -516,13 +538,11 @@ def _on_thread(items: Iterator[_T], depth: int = READ_AHEAD_FRAMES) -> Iterator[
         reader.join()
 
 
-def _validate_prompts(
-    plan: _Plan, frames: dict[int, tuple[np.ndarray, tuple[int, int], float | None]]
-) -> dict[tuple[int, int], np.ndarray]:
-    """Check every prompt against its frame before any model work; load masks."""
+def _validate_prompts(plan: _Plan, size_of: Callable[[int], tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+    """Check every prompt against its frame's (height, width) before any model work; load masks."""
     masks = {}
     for f, prompts in plan.prompts_by_frame.items():
-        size_hw = frames[f][1]
+        size_hw = size_of(f)
         for p in _merge(prompts):
             mask = _read_mask(p.mask_path, size_hw, p.mask_index) if p.mask_path is not None else None
             try:
@@ -551,4 +571,4 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
         raise TrackerError(f"cannot read the resume state {path}: {e}; delete it to start over") from e
 
 
-__all__ = ["AnnotateStats", "Prompt", "annotate", "estimate_frame_count", "load_prompts", "probe_video"]
+__all__ = ["AnnotateStats", "Prompt", "annotate", "check_prompts", "load_prompts"]
