@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import pytest
 import torch
 
 from tests.frames import moving_shapes, shape_centres, write_jpeg_folder
+from tests.videogen import make_clip
 from tracker.cli import main
 from tracker.export import read_coco, read_davis, read_mot
-from tracker.masks import decode_rle
+from tracker.masks import decode_rle, encode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 N, H, W = 24, 120, 160
@@ -200,22 +202,93 @@ def test_segment_prints_scores_and_writes_pngs(jpeg_clip, random_checkpoint, tmp
         assert all(Path(m["png"]).is_file() for m in r["masks"])
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("missing", "not found"),
-    ("beyond", "prompt on frame 99 but"),
-    ("outside", "prompt for object 1 on frame 0: point (500, 5) is outside the 160x120 frame"),
+@pytest.fixture(scope="module")
+def probed_clips(tmp_path_factory) -> dict[str, Path]:
+    """Files whose probe matters: no frame count in the header (Matroska); a display
+    matrix turning 160x120 (W x H) as stored into 120x160 upright; a truncated MP4
+    whose header still says 24 frames."""
+    folder = tmp_path_factory.mktemp("cli_probe")
+    truncated = make_clip(folder / "truncated.mp4", n_frames=N, size_hw=(H, W), container_options={"movflags": "faststart"})
+    data = truncated.path.read_bytes()
+    truncated.path.write_bytes(data[: len(data) // 2])
+    return {
+        "mkv": make_clip(folder / "clip.mkv", n_frames=12, size_hw=(H, W), container_format="matroska").path,
+        "rotated": make_clip(folder / "rotated.mp4", n_frames=12, size_hw=(H, W), rotation=90).path,
+        "truncated": truncated.path,
+    }
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Fail the test if a model is built: what the command refuses, it refuses before."""
+    import tracker.model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(tracker.model, "build_model", refuse)
+
+
+@pytest.mark.parametrize("video,frame,point,expected", [
+    ("missing", 0, [5, 5], "source not found: {video} (no such file)"),
+    ("folder", 99, [5, 5], "prompt on frame 99 but {video} has only 24 frames"),
+    ("mp4", 24, [5, 5], "prompt on frame 24 but {video} has only 24 frames"),  # the container's count
+    ("mkv", 12, [5, 5], "prompt on frame 12 but {video} has only 12 frames"),  # its packets, counted
+    ("folder", 0, [500, 5], "prompt for object 1 on frame 0: point (500, 5) is outside the 160x120 frame"),
+    ("rotated", 0, [140, 5], "prompt for object 1 on frame 0: point (140, 5) is outside the 120x160 frame"),
+    ("mp4", 3, "mask", "mask {mask} is 10x10 but the video is 160x120"),
 ])
-def test_annotate_bad_input_fails_fast(case, expected, jpeg_clip, random_checkpoint, tmp_path, caplog):
-    video = str(tmp_path / "nope.mp4") if case == "missing" else str(jpeg_clip)
-    frame, point = (99, [5, 5]) if case == "beyond" else (0, [500, 5] if case == "outside" else [5, 5])
+def test_annotate_refuses_bad_input_before_the_model_loads_and_leaves_nothing(
+    video, frame, point, expected, jpeg_clip, clip_mp4, probed_clips, tmp_path, caplog, no_model
+):
+    path = {"missing": tmp_path / "nope.mp4", "folder": jpeg_clip, "mp4": clip_mp4}.get(video) or probed_clips[video]
+    mask = tmp_path / "m.png"
+    mask.write_bytes(encode_png(np.ones((10, 10), bool)))
+    entry = {"obj_id": 1, "frame": frame, **({"mask": "m.png"} if point == "mask" else {"points": [point]})}
     prompts = tmp_path / "p.json"
-    prompts.write_text(json.dumps([{"obj_id": 1, "frame": frame, "points": [point]}]))
-    t0 = time.perf_counter()
-    code = main(["annotate", video, "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--quiet",
-                 *model_args(random_checkpoint)])
-    assert code == 2
-    assert expected in caplog.text
-    assert time.perf_counter() - t0 < 20
+    prompts.write_text(json.dumps([entry]))
+    out = tmp_path / "out"
+    assert main(["annotate", str(path), "--prompts", str(prompts), "--out", str(out), "--quiet", "--model", "sam2.1-tiny"]) == 2
+    assert caplog.messages[-1] == expected.format(video=path, mask=mask)
+    assert not out.exists()
+
+
+def test_annotate_past_the_decoded_end_of_a_truncated_file_leaves_nothing(probed_clips, random_checkpoint, tmp_path, caplog):
+    """The header says 24 frames, 11 decode: the prompt pass finds out, before any output is opened."""
+    from tracker.ingest import open_source
+
+    video = probed_clips["truncated"]
+    with av.open(str(video)) as c:
+        assert c.streams.video[0].frames == N
+    with open_source(str(video), mode="file") as source:
+        decoded = sum(1 for _ in source)
+    assert 0 < decoded < 20
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"obj_id": 1, "frame": 20, "points": [[5, 5]]}]))
+    out = tmp_path / "out"
+    assert main(["annotate", str(video), "--prompts", str(prompts), "--out", str(out), "--quiet",
+                 *model_args(random_checkpoint)]) == 2
+    assert caplog.messages[-1] == f"prompt on frame 20 but {video} has only {decoded} frames"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("source,prompt,expected", [
+    ("missing", ["--point", "5,5"], "source not found: {video} (no such file)"),
+    ("rotated", ["--point", "140,5"], "prompt for object 1 on frame 0: point (140, 5) is outside the 120x160 frame"),
+    ("mkv", ["--box", "2:10,10,170,50"], "prompt for object 2 on frame 0: box (10, 10, 170, 50) is outside the 160x120 frame"),
+])
+def test_track_refuses_bad_input_before_the_model_loads(source, prompt, expected, probed_clips, tmp_path, caplog, no_model):
+    path = tmp_path / "nope.mp4" if source == "missing" else probed_clips[source]
+    out = tmp_path / "t.jsonl"
+    assert main(["track", str(path), *prompt, "--out", str(out), "--quiet", "--model", "sam2.1-tiny"]) == 2
+    assert caplog.messages[-1] == expected.format(video=path)
+    assert not out.exists()
+
+
+def test_segment_refuses_a_point_outside_an_image_before_the_model_loads(jpeg_clip, tmp_path, caplog, no_model):
+    images = sorted(jpeg_clip.glob("*.jpg"))[:2]
+    assert main(["segment", *map(str, images), "--point", "1:150,110", "--point", "2:500,5", "--model", "sam2.1-tiny"]) == 2
+    assert caplog.messages[-1] == f"prompt for object 2 on {images[0]}: point (500, 5) is outside the 160x120 frame"
 
 
 def test_unknown_format_is_refused_by_the_parser(capsys):
@@ -243,3 +316,51 @@ def test_first_run_without_network_names_the_url_the_cache_checkpoint_and_random
         "to try the pipeline without a checkpoint (random weights: meaningless masks)"
     )
     assert not (tmp_path / "cache" / "sam2.1_hiera_tiny.pt").exists()
+
+
+#: the start of a log line as ``main`` formats it
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) \S+: ")
+
+
+def as_shown(stderr: str) -> list[str]:
+    """stderr as a terminal leaves it: of each line, what follows its last carriage return."""
+    return [line.rsplit("\r", 1)[-1] for line in stderr.split("\n")]
+
+
+def assert_log_lines_on_their_own(stderr: str) -> None:
+    """Every log line starts a line of its own: none is glued to a progress bar."""
+    logged = [line for line in as_shown(stderr) if LOG_LINE.search(line)]
+    assert logged, stderr
+    for line in logged:
+        assert LOG_LINE.match(line), f"a log line glued to the progress bar: {line!r}"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tracker.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_track_on_a_file_shows_a_progress_bar_that_log_lines_do_not_break(clip_mp4, random_checkpoint, tmp_path):
+    out = tmp_path / "t.jsonl"
+    done = run_cli("track", str(clip_mp4), "--point", "1:40,40", "--out", str(out), *model_args(random_checkpoint))
+    assert done.returncode == 0, done.stderr
+    assert len(out.read_text().splitlines()) == N
+    bars = [seg for seg in done.stderr.replace("\n", "\r").split("\r") if seg.startswith("track clip.mp4:")]
+    assert bars and f"100%" in bars[-1] and f" {N}/{N} " in bars[-1], bars[-3:]
+    assert_log_lines_on_their_own(done.stderr)
+    assert any("opened" in line for line in as_shown(done.stderr))  # logged while the bar was up
+
+
+def test_annotate_shows_the_bar_to_the_counted_end_and_leaves_no_work_folder(probed_clips, random_checkpoint, tmp_path):
+    """A Matroska file keeps no frame count: the bar's total comes from its packets."""
+    video = probed_clips["mkv"]
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"obj_id": 1, "frame": 4, "points": [[40, 40]]}]))
+    out = tmp_path / "out"
+    done = run_cli("annotate", str(video), "--prompts", str(prompts), "--out", str(out), *model_args(random_checkpoint))
+    assert done.returncode == 0, done.stderr
+    bars = [seg for seg in done.stderr.replace("\n", "\r").split("\r") if seg.startswith("annotate clip:")]
+    assert bars and "100%" in bars[-1] and " 12/12 " in bars[-1], bars[-3:]
+    assert_log_lines_on_their_own(done.stderr)
+    assert sorted(p.name for p in out.iterdir()) == ["annotations.json"]  # no .annotate-work/, no partial journal

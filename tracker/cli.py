@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
-import numpy as np
-
 from tracker.errors import TrackerError
 
 logger = logging.getLogger("sam2-stream")
@@ -141,25 +139,46 @@ def frame_record(result, *, with_masks: bool = True) -> dict:
     }
 
 
+def prompt_checks(prompts: dict[int, PromptArg], where: str) -> list[tuple[str, list | None, list | None, list | None]]:
+    """``--point``/``--box`` prompts as :func:`tracker.probe.check_points` takes them."""
+    return [
+        (f"prompt for object {p.obj_id} {where}", p.points_xy or None, p.labels or None, p.box_xyxy)
+        for p in prompts.values()
+    ]
+
+
 def cmd_track(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from tracker.ingest import open_source
     from tracker.predictor import StreamingPredictor
+    from tracker.probe import check_points, probe_source
 
     prompts = merge_prompts(args.prompt or [])
     if not prompts:
         raise SystemExit("track: give at least one --point or --box for the first frame")
-    model = build_model_from_args(args)
-    predictor = StreamingPredictor(model)
-    out: IO[str] = open(args.out, "w") if args.out and args.out != "-" else sys.stdout
     options = dict(args.source_opt or [])
     if args.mode:
         options["mode"] = args.mode
     if args.realtime:
         options["realtime"] = True
+    # what can be checked before the model loads: the source exists, the prompts fit its frame
+    probe = probe_source(args.source, count_frames=not args.max_frames, **options)
+    check_points(probe.size_hw, prompt_checks(prompts, "on frame 0"))
+    model = build_model_from_args(args)
+    predictor = StreamingPredictor(model)
+    every_frame = probe.is_local and options.get("mode", "file") == "file"
+    total = probe.frame_count if every_frame else None
+    if args.max_frames:
+        total = min(total, args.max_frames) if total is not None else args.max_frames
+    name = Path(probe.display.removeprefix("images:").rstrip("/")).name or probe.display
+    out: IO[str] = open(args.out, "w") if args.out and args.out != "-" else sys.stdout
     t0 = time.perf_counter()
     n = 0
+    bar = tqdm(total=total, unit="frame", desc=f"track {name}", disable=args.quiet)
     try:
-        with open_source(args.source, **options) as source:
+        with logging_redirect_tqdm(), open_source(args.source, **options) as source:
             for frame in source:
                 result = predictor.track(
                     frame.image_rgb,
@@ -180,11 +199,13 @@ def cmd_track(args: argparse.Namespace) -> int:
                 out.write(json.dumps(frame_record(result, with_masks=not args.no_masks)) + "\n")
                 out.flush()
                 n += 1
-                if n % 25 == 0:
-                    logger.info("%d frames, %.1f frames/s, dropped %d", n, n / (time.perf_counter() - t0), source.stats.dropped)
+                bar.update(1)
+                if not every_frame and source.stats.dropped:
+                    bar.set_postfix(dropped=source.stats.dropped, refresh=False)
                 if args.max_frames and n >= args.max_frames:
                     break
     finally:
+        bar.close()
         if out is not sys.stdout:
             out.close()
     dt = time.perf_counter() - t0
@@ -194,59 +215,83 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from tracker.ingest import keep_frame_memory
 
     keep_frame_memory()  # file-mode decoding at full resolution without page-faulting every frame
 
-    from tracker.annotate import AnnotateStats, annotate, estimate_frame_count, load_prompts, probe_video
+    from tracker.annotate import AnnotateStats, annotate, check_prompts, load_prompts
+    from tracker.errors import SourceUnsupportedError
     from tracker.export import make_writer
+    from tracker.probe import probe_source
 
+    # every check that needs no model first: the source, its length and size against the prompts
     prompts = load_prompts(args.prompts)
-    height, width, fps = probe_video(args.video)
+    probe = probe_source(args.video)
+    check_prompts(prompts, probe)
+    if probe.size_hw is None:
+        raise SourceUnsupportedError(f"cannot read {probe.display}: no frame decodes")
+    height, width = probe.size_hw
+    fps = probe.fps
     name = args.video_name or Path(args.video.removeprefix("images:").rstrip("/")).stem or "video"
     obj_ids = sorted({p.obj_id for p in prompts})
     formats = list(dict.fromkeys(args.format or ["coco"]))
     model = build_model_from_args(args)
     out_dir = Path(args.out)
-    writers = [
-        make_writer(f, out_dir, video_name=name, height=height, width=width, fps=fps, obj_ids=obj_ids, resume=args.resume)
-        for f in formats
-        if f != "overlay"
-    ]
-    done = set.intersection(*(w.done_frames() for w in writers)) if writers and args.resume else set()
+
+    def open_writers() -> list:
+        return [
+            make_writer(f, out_dir, video_name=name, height=height, width=width, fps=fps, obj_ids=obj_ids, resume=args.resume)
+            for f in formats
+            if f != "overlay"
+        ]
+
+    # a fresh run opens its outputs with its first frame: a run refused before it writes nothing
+    writers = open_writers() if args.resume else None
+    done = set.intersection(*(w.done_frames() for w in writers)) if writers else set()
     overlay_rles: dict[int, dict[int, dict]] | None = {} if "overlay" in formats else None
     stats = AnnotateStats()
-    total = estimate_frame_count(args.video)
-    bar = tqdm(total=total, unit="frame", desc=f"annotate {name}", initial=len(done), disable=args.quiet)
+    bar = tqdm(total=probe.frame_count, unit="frame", desc=f"annotate {name}", initial=len(done), disable=args.quiet)
     try:
-        for result in annotate(
-            args.video,
-            prompts,
-            model=model,
-            work_dir=out_dir / ".annotate-work",
-            resume=args.resume,
-            skip_frames=done,
-            stats=stats,
-            checkpoint_every=args.save_state_every,
-        ):
-            for w in writers:
-                w.write(result)
-            if overlay_rles is not None:
-                overlay_rles[result.frame_idx] = frame_record(result)["objects"]
-            bar.update(1)
+        with logging_redirect_tqdm():
+            for result in annotate(
+                args.video,
+                prompts,
+                model=model,
+                work_dir=out_dir / ".annotate-work",
+                resume=args.resume,
+                skip_frames=done,
+                stats=stats,
+                checkpoint_every=args.save_state_every,
+            ):
+                if writers is None:
+                    writers = open_writers()
+                for w in writers:
+                    w.write(result)
+                if overlay_rles is not None:
+                    overlay_rles[result.frame_idx] = frame_record(result)["objects"]
+                bar.update(1)
     except BaseException:
-        for w in writers:
+        for w in writers or []:
             w.abort()
         raise
     finally:
         bar.close()
-    for w in writers:
+    for w in writers if writers is not None else open_writers():
         w.close()
         logger.info("wrote %s", w.output_path)
     if overlay_rles is not None:
         path = write_overlay(args.video, overlay_rles, out_dir, name, height, width, fps)
         logger.info("wrote %s", path)
+    if stats.video_frames is not None and probe.frame_count is not None and stats.video_frames != probe.frame_count:
+        logger.warning(
+            "%s: its %s said %d frames, %d decoded (a truncated or damaged file?)",
+            probe.display,
+            "container" if probe.count_from == "header" else probe.count_from,
+            probe.frame_count,
+            stats.video_frames,
+        )
     logger.info(
         "%d frames (%d forward, %d backward) in %.1f s: %.2f frames/s%s",
         stats.frames,
@@ -279,11 +324,26 @@ def write_overlay(video: str, records: dict[int, dict[int, dict]], out_dir: Path
     return writer.output_path
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
+def image_size_hw(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file as image mode decodes it (EXIF orientation
+    applied), from its header: no pixels decoded."""
     from PIL import Image
 
+    from tracker.segment import load_rgb
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = int(image.getexif().get(0x0112, 1))
+    except Exception:  # not an image Pillow reads: the decoder says why, in its words
+        return load_rgb(path).shape[:2]  # type: ignore[return-value]
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)  # quarter turns swap them
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
     from tracker.masks import encode_png, encode_rle
-    from tracker.segment import ImageSegmenter
+    from tracker.probe import check_points
+    from tracker.segment import ImageSegmenter, load_rgb
 
     prompts = merge_prompts(args.prompt or [])
     if not prompts:
@@ -297,12 +357,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
             paths.append(p)
         else:
             raise SystemExit(f"segment: {p} is not a file or folder")
+    for path in paths:  # every prompt fits every image before the model loads
+        check_points(image_size_hw(path), prompt_checks(prompts, f"on {path}"))
     segmenter = ImageSegmenter(build_model_from_args(args))
     out_dir = Path(args.out) if args.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     for path in paths:
-        image = np.array(Image.open(path).convert("RGB"))
+        image = load_rgb(path)
         segmenter.set_image(image)  # one embedding per image, reused by every prompt
         for obj_id, p in prompts.items():
             res = segmenter.predict(
@@ -337,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=["live", "file"], help="newest frame only (live) or every frame (file)")
     t.add_argument("--realtime", action="store_true", help="play a file at its own frame rate, as a camera would")
     t.add_argument("--no-masks", action="store_true", help="omit RLE masks from the output (boxes and scores only)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument(
         "--source-opt",
         action="append",
