@@ -12,8 +12,12 @@ session's fan-out live in :mod:`server.connection`. What this module adds:
   the hook where the operator page (static files) plugs in;
 * auth (bearer token in ``Authorization`` or ``?token=``, required unless
   bound to loopback), an Origin allowlist, TLS, message size limits without
-  compression (a compressed message can expand enormously), keepalive pings,
-  and a graceful stop that closes sessions before connections.
+  compression (a compressed message can expand enormously), connection limits
+  (``max_clients``, ``max_clients_per_address``), and a graceful stop that
+  closes sessions before connections;
+* threads for blocking calls: opening sources on a pool with a thread for
+  every open that may be in flight (so a source that never answers delays no
+  one else), closing sessions and other blocking calls on another.
 
 :class:`ServerThread` runs a server on its own loop thread for tests,
 benchmarks and programs that are not asyncio.
@@ -61,6 +65,7 @@ from server.protocol import (
     SessionInfo,
     SessionStatsInfo,
 )
+from tracker.ingest import VideoSource
 from tracker.model import model_precision
 from tracker.session import InferenceWorker, OptionError, SessionLimits, SessionManager, TrackingSession
 
@@ -81,6 +86,12 @@ def server_version() -> str:
         return version("sam2-stream")
     except Exception:  # running from a checkout that is not installed
         return "0.1.0"
+
+
+def _peer_host(connection: ServerConnection) -> str:
+    """The IP address a connection comes from (what ``max_clients_per_address`` counts)."""
+    address = connection.remote_address
+    return str(address[0]) if isinstance(address, tuple) and address else str(address)
 
 
 def _percentiles(values: deque) -> tuple[float | None, float | None]:
@@ -142,6 +153,9 @@ class TrackingServer:
         self._webrtc: ModuleType | None = None
         self._has_aiortc: bool | None = None
         self._open_locks: dict[str, asyncio.Lock] = {}
+        #: every connection from its handshake to its end (or failed handshake) -> peer address
+        self._connections: dict[ServerConnection, str] = {}
+        self._handled: set[ServerConnection] = set()  # those whose handler runs
         self._client_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self._ws: Server | None = None
@@ -150,6 +164,7 @@ class TrackingServer:
         self.manager: SessionManager
         self.encoder_pool: ThreadPoolExecutor
         self._blocking_pool: ThreadPoolExecutor
+        self._open_pool: ThreadPoolExecutor
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -187,6 +202,12 @@ class TrackingServer:
                 raise ConfigError(f"source {name!r} in the config: {exc}") from None
         self.encoder_pool = ThreadPoolExecutor(2, thread_name_prefix="sam2-stream-encode")
         self._blocking_pool = ThreadPoolExecutor(4, thread_name_prefix="sam2-stream-io")
+        # a thread for each open that may be in flight: every client slot's
+        # max_opens_in_flight (a connection keeps its slot until its opens end),
+        # so no open ever queues behind another; threads start on demand
+        self._open_pool = ThreadPoolExecutor(
+            cfg.server.max_clients * cfg.limits.max_opens_in_flight, thread_name_prefix="sam2-stream-open"
+        )
         s = cfg.server
         origins: list[str | None] | None = [*s.allow_origins, None] if s.allow_origins else None
         try:
@@ -199,8 +220,10 @@ class TrackingServer:
                 max_size=s.max_message_bytes,
                 max_queue=16,
                 write_limit=s.write_limit_bytes,
-                ping_interval=s.ping_interval_s,
-                ping_timeout=s.ping_timeout_s,
+                # keepalive is server.connection.ClientConnection's: websockets'
+                # waits for a full send buffer before its pong timer starts
+                ping_interval=None,
+                ping_timeout=None,
                 close_timeout=5,
                 process_request=self._process_request,
                 server_header=f"{SERVER_NAME}/{server_version()}",
@@ -253,6 +276,7 @@ class TrackingServer:
         if self._webrtc is not None and self.config.webrtc.ice_host_addresses:
             self._webrtc.set_ice_host_addresses(None)  # process-wide: leave it as found
         self._blocking_pool.shutdown(wait=False)
+        self._open_pool.shutdown(wait=False, cancel_futures=True)  # a stalled open ends on its own timeout
         self.encoder_pool.shutdown(wait=False)
         logger.info("stopped")
 
@@ -276,8 +300,23 @@ class TrackingServer:
         return task
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking call (opening a source, closing a session) off the loop."""
+        """Run a blocking call (closing a session, stopping a worker) off the loop."""
         return await self.loop.run_in_executor(self._blocking_pool, fn, *args)
+
+    async def run_open(self, fn: Callable[..., VideoSource], *args: Any) -> VideoSource:
+        """Open a source off the loop, on a thread of its own (see ``_open_pool``).
+
+        A source that opens once the server is stopping is closed again there
+        (its opener is gone) and the open fails with ``shutting_down``.
+        """
+        return await self.loop.run_in_executor(self._open_pool, self._open_unless_closing, fn, *args)
+
+    def _open_unless_closing(self, fn: Callable[..., VideoSource], *args: Any) -> VideoSource:
+        source = fn(*args)
+        if self.closing:
+            source.close()
+            raise ProtocolError("shutting_down", "the server is shutting down")
+        return source
 
     async def wait(self, future: Future) -> Any:
         """Await a worker future, bounded by ``prompt_timeout_s``."""
@@ -342,7 +381,7 @@ class TrackingServer:
                 model, tracking = model or config_model, {**config_tracking, **tracking}
                 self._check_options(model, tracking)
                 self._check_session_limit()
-                opened = await self.run_blocking(self.catalog.open_named, source)
+                opened = await self.run_open(self.catalog.open_named, source)
                 session = self.manager.open(opened, name=source, model=model, options=tracking)
                 self._named[source] = session.id
                 self.hub(session)
@@ -357,7 +396,7 @@ class TrackingServer:
             )
         self._check_options(model, tracking)
         self._check_session_limit()
-        opened = await self.run_blocking(self.catalog.open_uri, source, options)
+        opened = await self.run_open(self.catalog.open_uri, source, options)
         session = self.manager.open(opened, name=opened.spec.display, model=model, options=tracking)
         self.hub(session)
         return session, True
@@ -494,6 +533,9 @@ class TrackingServer:
                 max_message_bytes=self.config.server.max_message_bytes,
                 lost_after_frames=limits.lost_after_frames,
                 idle_timeout_s=limits.idle_timeout_s,
+                max_points_per_frame=limits.max_points_per_frame,
+                max_opens_in_flight=limits.max_opens_in_flight,
+                send_timeout_s=self.config.server.send_timeout_s,
             ),
         )
 
@@ -640,9 +682,36 @@ class TrackingServer:
             return self._respond(connection, 503, "the server is shutting down\n")
         if not self.authorized(request):
             return self._unauthorized(connection)
-        if len(self.clients) >= self.config.server.max_clients:
-            return self._respond(connection, 503, f"too many clients (limit {self.config.server.max_clients})\n")
+        return self._admit(connection)
+
+    def _admit(self, connection: ServerConnection) -> Response | None:
+        """Count a WebSocket handshake against ``max_clients`` and
+        ``max_clients_per_address`` (from its handshake on, so simultaneous
+        handshakes cannot overshoot); HTTP 503 beyond either."""
+        s = self.config.server
+        address = _peer_host(connection)
+        if len(self._connections) >= s.max_clients:
+            return self._respond(connection, 503, f"too many clients (limit {s.max_clients})\n")
+        if sum(1 for a in self._connections.values() if a == address) >= s.max_clients_per_address:
+            logger.info("refused a connection from %s: %d connections from it already", address, s.max_clients_per_address)
+            return self._respond(
+                connection,
+                503,
+                f"too many connections from {address} (limit {s.max_clients_per_address} per address); "
+                "close one first\n",
+            )
+        self._connections[connection] = address
+        self.spawn(self._release_unhandled(connection))
         return None
+
+    async def _release_unhandled(self, connection: ServerConnection) -> None:
+        """Free the slot of a connection whose handshake failed after it was
+        admitted (its handler never runs; a handler frees its own slot)."""
+        try:
+            await connection.wait_closed()
+        finally:
+            if connection not in self._handled:
+                self._connections.pop(connection, None)
 
     def _route(self, path: str) -> RouteHandler | None:
         """The handler for ``path``: an exact key of :attr:`routes`, else the
@@ -663,6 +732,7 @@ class TrackingServer:
         return response
 
     async def _handle_connection(self, ws: ServerConnection) -> None:
+        self._handled.add(ws)  # first: websockets calls this without a pause after the handshake
         client = ClientConnection(self, ws, next(self._client_ids))
         sndbuf = self.config.server.send_buffer_bytes
         sock = ws.transport.get_extra_info("socket")
@@ -677,6 +747,8 @@ class TrackingServer:
         try:
             await client.run()
         finally:
+            self._connections.pop(ws, None)
+            self._handled.discard(ws)
             self.clients.discard(client)
             logger.info(
                 "client %d disconnected (%s): %d frames sent, %d dropped as it read slower than results came",

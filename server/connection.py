@@ -1,11 +1,15 @@
 """The server's side of each WebSocket client and of each session's fan-out.
 
 * :class:`ClientConnection`, one per WebSocket: a reader task answering
-  requests in order, and a sender task that writes, in this order, pending
-  replies/events (a short queue; a client that never reads them is closed),
-  then the newest frame of each subscribed session (a one-frame slot: a newer
-  result replaces an unsent one and counts as dropped, so a slow client gets
-  the newest frame, never a backlog, and never holds up anyone else);
+  requests in order (``open`` / ``webrtc_publish`` run beside it, a bounded
+  number at once, so a slow source holds up nothing else), a sender task that
+  writes, in this order, pending replies/events (a short queue; a client that
+  never reads them is closed), then the newest frame of each subscribed
+  session (a one-frame slot: a newer result replaces an unsent one and counts
+  as dropped, so a slow client gets the newest frame, never a backlog, and
+  never holds up anyone else), and a keepalive task. Every write is bounded in
+  time (``send_timeout_s``) and so is every ping's round trip, however full the
+  send buffer: a client that stops reading is closed and its slot freed;
 * :class:`SessionHub`, one per session: subscribes to the session while it has
   clients, moves results from the worker thread to the event loop
   (``call_soon_threadsafe``), encodes each result once per mask format on a
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from server.protocol import (
     AddBox,
@@ -67,7 +72,14 @@ from server.protocol import (
     parse_request,
     stamp_sent,
 )
-from tracker.errors import FrameNotAvailableError, PromptError, SourceError, SourceNotAllowedError, TrackerError
+from tracker.errors import (
+    FrameNotAvailableError,
+    PromptError,
+    SourceError,
+    SourceNotAllowedError,
+    SourceOptionError,
+    TrackerError,
+)
 from tracker.results import FrameResult, ObjectResult
 from tracker.session import SessionError, SessionEvent, TrackingSession
 
@@ -78,6 +90,7 @@ logger = logging.getLogger("sam2-stream.server")
 
 #: the error code of an engine exception in a reply, most specific first (docs/protocol.md)
 _ERROR_CODES: tuple[tuple[type[TrackerError], str], ...] = (
+    (SourceOptionError, "invalid_message"),  # a client's option outside its range: field options.NAME
     (SourceNotAllowedError, "not_allowed"),
     (SourceError, "source_error"),
     (FrameNotAvailableError, "frame_not_available"),
@@ -85,6 +98,14 @@ _ERROR_CODES: tuple[tuple[type[TrackerError], str], ...] = (
     (SessionError, "session_error"),
     (TrackerError, "error"),
 )
+
+
+class _Dropped(Exception):
+    """The sender gave up on a client that stopped reading (it is being closed)."""
+
+
+#: requests served beside the reader (they wait for a source), bounded by ``max_opens_in_flight``
+_OPENS = (Open, WebRTCPublish)
 
 
 def _last(values: deque) -> float | None:
@@ -215,6 +236,8 @@ class ClientConnection:
         self._control: deque[bytes] = deque()
         self._wake = asyncio.Event()
         self._rr = 0
+        self._opens: set[asyncio.Task] = set()  # open / webrtc_publish requests being served
+        self._dropping: asyncio.Task | None = None
         limits = server.config.limits
         self.prompt_bucket = TokenBucket(limits.prompts_per_s, limits.prompt_burst)
         self.open_bucket = TokenBucket(limits.opens_per_s, limits.open_burst)
@@ -244,8 +267,7 @@ class ClientConnection:
             return
         if len(self._control) >= self.server.config.limits.max_pending_messages:
             logger.warning("client %d: %d unread replies/events; closing it", self.id, len(self._control))
-            self.closed = True
-            self.server.spawn(self.ws.close(1008, "too many unread messages: read replies and events"))
+            self.drop(1008, "too many unread messages: read replies and events")
             return
         self._control.append(data)
         self._wake.set()
@@ -270,6 +292,70 @@ class ClientConnection:
                 return sub
         return None
 
+    def drop(self, code: int, reason: str) -> None:
+        """Close the connection with ``code`` and ``reason`` and make sure it ends.
+
+        The close frame queues behind whatever the send buffer holds, so a
+        client that stopped reading never sees it; after the close timeout
+        the transport is aborted, which ends the connection (and frees its
+        slot) whatever the client does.
+        """
+        self.closed = True
+        if self._dropping is None:
+            self._dropping = self.server.spawn(self._close_or_abort(code, reason))
+
+    async def _close_or_abort(self, code: int, reason: str) -> None:
+        grace = self.ws.close_timeout or 5.0
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), grace)
+        except (asyncio.TimeoutError, ConnectionClosed, OSError):
+            pass
+        finally:
+            if self.ws.state is not State.CLOSED:
+                logger.info("client %d: no close handshake within %g s; connection aborted", self.id, grace)
+                self.ws.transport.abort()
+
+    async def _write(self, data: bytes, text: bool) -> None:
+        """One message, or :meth:`drop` when the client takes none of it within ``send_timeout_s``."""
+        timeout = self.server.config.server.send_timeout_s
+        try:
+            await asyncio.wait_for(self.ws.send(data, text=text), timeout)
+        except asyncio.TimeoutError:
+            logger.warning("client %d: its socket took no data for %g s; closing it", self.id, timeout)
+            self.drop(1008, f"not reading: the send buffer did not drain within {timeout:g} s")
+            raise _Dropped from None
+
+    async def _keepalive(self) -> None:
+        """Ping every ``ping_interval_s``; close a client whose pong does not come
+        within ``ping_timeout_s`` of starting to send the ping.
+
+        websockets' own keepalive starts its pong timer only once the ping is
+        written, and writing waits for a full send buffer to drain: behind a
+        client that stopped reading it waited for ever. Here the timer covers
+        the write too.
+        """
+        cfg = self.server.config.server
+        interval, timeout = cfg.ping_interval_s, cfg.ping_timeout_s
+        if interval is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if timeout is None:
+                    await self.ws.ping()
+                    continue
+                await asyncio.wait_for(self._ping(), timeout)
+            except asyncio.TimeoutError:
+                logger.warning("client %d: no pong within %g s; closing it", self.id, timeout)
+                self.drop(1011, "keepalive ping timeout")
+                return
+            except ConnectionClosed:
+                return
+
+    async def _ping(self) -> None:
+        pong = await self.ws.ping()
+        await pong
+
     async def _send_loop(self) -> None:
         metrics = self.server.metrics
         try:
@@ -277,8 +363,10 @@ class ClientConnection:
                 await self._wake.wait()
                 self._wake.clear()
                 while True:
+                    if self.closed:
+                        return
                     if self._control:
-                        await self.ws.send(self._control.popleft(), text=True)
+                        await self._write(self._control.popleft(), True)
                         continue
                     sub = self._next_ready()
                     if sub is None:
@@ -286,7 +374,7 @@ class ClientConnection:
                     assert sub.slot is not None
                     (frame, arrival_s, processed_s), sub.slot = sub.slot, None
                     now = time.time()
-                    await self.ws.send(stamp_sent(frame, now), text=not frame.binary)
+                    await self._write(stamp_sent(frame, now), not frame.binary)
                     sub.frames_sent += 1
                     self.frames_sent += 1
                     metrics.frames_sent.inc()
@@ -294,13 +382,14 @@ class ClientConnection:
                         metrics.observe("deliver", now - processed_s)
                     if arrival_s is not None:
                         metrics.observe("total", now - arrival_s)
-        except ConnectionClosed:
+        except (ConnectionClosed, _Dropped):
             pass
 
     # ---------------------------------------------------------------- input
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
+        keepalive = asyncio.create_task(self._keepalive())
         self.send_control(encode(self.server.hello(self.id)))
         try:
             async for message in self.ws:
@@ -312,14 +401,30 @@ class ClientConnection:
             for hub in list(self.hubs.values()):
                 hub.remove(self)
             self.hubs.clear()
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            for task in (sender, keepalive):
+                task.cancel()
+            await asyncio.gather(sender, keepalive, return_exceptions=True)
             for viewer in self.viewers:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(viewer.close(), 5)
+            await self._settle_opens()
+
+    async def _settle_opens(self) -> None:
+        """Wait for this connection's opens in flight to finish (unless the server stops).
+
+        Their threads cannot be interrupted, so the connection keeps its
+        client slot until they end: the open pool, sized for every slot's
+        opens, then always has a thread for another client's open.
+        """
+        while self._opens and not self.server.closing:
+            await asyncio.wait(self._opens, timeout=0.5)
 
     async def handle(self, message: str | bytes) -> None:
-        """Answer one message with a reply or an error; never raises."""
+        """Answer one message with a reply or an error; never raises.
+
+        ``open`` and ``webrtc_publish`` are answered from a task of their own
+        (at most ``max_opens_in_flight`` per connection), the others in order.
+        """
         metrics = self.server.metrics
         try:
             request = parse_request(message)
@@ -327,6 +432,28 @@ class ClientConnection:
             metrics.errors.labels(exc.code).inc()
             self.send_control(error_from(exc))
             return
+        if isinstance(request, _OPENS):
+            limit = self.server.config.limits.max_opens_in_flight
+            if len(self._opens) >= limit:
+                metrics.errors.labels("limit_exceeded").inc()
+                self.send_control(
+                    encode_error(
+                        request.id,
+                        "limit_exceeded",
+                        f"this connection already has {len(self._opens)} opens in flight (the limit, "
+                        "max_opens_in_flight); wait for their replies",
+                    )
+                )
+                return
+            task = asyncio.create_task(self._serve(request))
+            self._opens.add(task)
+            task.add_done_callback(self._opens.discard)
+            return
+        await self._serve(request)
+
+    async def _serve(self, request: Any) -> None:
+        """Run one parsed request's handler and send its reply or error; never raises."""
+        metrics = self.server.metrics
         kind = type(request).__struct_config__.tag  # type: ignore[attr-defined]
         metrics.requests.labels(kind).inc()
         code, text, field = "internal", "", None
@@ -339,6 +466,8 @@ class ClientConnection:
         except TrackerError as exc:
             code = next(c for kind_of, c in _ERROR_CODES if isinstance(exc, kind_of))
             text = str(exc)
+            if isinstance(exc, SourceOptionError):
+                field = f"options.{exc.option}"
         except TimeoutError:
             code, text = "timeout", f"the {kind} request did not finish in {self.server.config.limits.prompt_timeout_s:g} s"
         except Exception:
@@ -378,6 +507,10 @@ class ClientConnection:
         tracking = req.tracking.chosen() if req.tracking is not None else None
         session, created = await self.server.open_session(req.source, req.options, req.model, tracking)
         hub = self.server.hub(session)
+        if self.closed:  # the client left while its source opened: nobody asked for this session now
+            if created and not hub.clients:
+                await self.server.close_session(session.id, f"client {self.id} left while it opened")
+            raise ProtocolError("shutting_down", "the connection closed while the source opened")
         if req.subscribe:
             self._subscribe(hub, req.mask_format)
         return OpenReply(
@@ -477,6 +610,9 @@ class ClientConnection:
                 f"retry in {self.open_bucket.wait_s():.2f} s",
             )
         session, answer = await self.server.open_webrtc_session(req.name, {"sdp": req.offer.sdp, "type": req.offer.type})
+        if self.closed:  # nobody will send the publisher's video any more
+            await self.server.close_session(session.id, f"client {self.id} left while it published")
+            raise ProtocolError("shutting_down", "the connection closed while the publisher was set up")
         return PublishReply(
             id=req.id, session=self.server.session_info(session), answer=SessionDescription(**answer)
         )
