@@ -85,7 +85,10 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls_key: str | None = None
     #: largest client message; larger ones close the connection (1009)
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 2**20)] = 2**20
+    #: keepalive: a ping this often (None: no pings) ...
     ping_interval_s: Annotated[float, msgspec.Meta(gt=0)] | None = 20.0
+    #: ... and its pong within this long of starting to write the ping, however
+    #: full the send buffer is (else close 1011); None: pongs are not awaited
     ping_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = 20.0
     #: kernel send buffer per client: bounds how stale a slow client's frames get
     send_buffer_bytes: Annotated[int, msgspec.Meta(ge=1024)] | None = 256 * 1024
@@ -93,10 +96,12 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     write_limit_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024
     max_clients: Annotated[int, msgspec.Meta(ge=1)] = 256
     #: WebSocket connections from one IP address at most, so sockets from one
-    #: address cannot take every ``max_clients`` slot
+    #: address cannot take every ``max_clients`` slot (HTTP 503 beyond it;
+    #: behind a reverse proxy every client has the proxy's address)
     max_clients_per_address: Annotated[int, msgspec.Meta(ge=1)] = 16
     #: a client whose socket takes no data for this long (its send buffer full:
-    #: it stopped reading) is closed with 1008 and its slot freed
+    #: it stopped reading) is closed with 1008, aborted if the close frame cannot
+    #: get through either, and its slot freed
     send_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 20.0
     #: a status line in the log this often while sessions run (0: never)
     log_every_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
