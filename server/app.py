@@ -75,6 +75,8 @@ logger = logging.getLogger("sam2-stream.server")
 RouteHandler = Callable[[ServerConnection, Request], "Response | None"]
 
 WEBSOCKET_PATHS = ("/", "/ws")
+#: how long a close handshake may take before the connection is aborted
+_CLOSE_TIMEOUT_S = 5.0
 #: what a client's ``open`` treats as a source name rather than a URI or path
 _BARE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -224,7 +226,7 @@ class TrackingServer:
                 # waits for a full send buffer before its pong timer starts
                 ping_interval=None,
                 ping_timeout=None,
-                close_timeout=5,
+                close_timeout=_CLOSE_TIMEOUT_S,
                 process_request=self._process_request,
                 server_header=f"{SERVER_NAME}/{server_version()}",
                 ssl=self._ssl,
@@ -266,8 +268,13 @@ class TrackingServer:
         while any(c._control for c in self.clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if self._ws is not None:
-            self._ws.close()
-            await self._ws.wait_closed()
+            self._ws.close()  # 1001 to every connection; a client that stopped reading cannot take it
+            try:
+                await asyncio.wait_for(asyncio.shield(self._ws.wait_closed()), _CLOSE_TIMEOUT_S + 1)
+            except asyncio.TimeoutError:
+                for client in list(self.clients):
+                    client.ws.transport.abort()
+                await self._ws.wait_closed()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -207,6 +207,30 @@ def test_keepalive_closes_a_silent_client_whatever_its_send_buffer_holds(model):
         assert took < 30
 
 
+def test_the_server_stops_with_a_client_that_stopped_reading(model):
+    """Its close frame cannot get through a full send buffer: the stop aborts it
+    after the close timeout instead of waiting for it."""
+    config = make_config(
+        server={"send_timeout_s": 3600.0, "ping_interval_s": None, "send_buffer_bytes": 4096, "write_limit_bytes": 4096},
+        limits={"max_pending_messages": 100_000},
+    )
+    st = running(model, config)
+    server = st.__enter__()
+    try:
+        bad = non_reading(server)
+        for k in range(400):
+            bad.ws.send(f'{{"type":"stats","id":{k}}}')
+        wait_until(
+            lambda: server.call(lambda: max(c.ws.transport.get_write_buffer_size() for c in server.server.clients)) > 4096,
+            30, "the write buffer did not fill",
+        )
+    finally:
+        t0 = time.monotonic()
+        st.__exit__(None, None, None)
+    took = time.monotonic() - t0
+    assert not server._thread.is_alive() and took < 30, took  # the close timeout is 5 s
+
+
 def test_one_address_cannot_take_every_slot(model):
     config = make_config(server={"max_clients": 10, "max_clients_per_address": 2})
     with running(model, config) as st:
