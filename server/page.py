@@ -14,8 +14,9 @@ hidden files, no symlinks leading out, known types only) and answering it
 (:func:`file_response`), with each type's ``Content-Type``, ``no-cache``
 and a content security policy that lets the page load nothing from
 elsewhere. What does not: the WebSocket protocol (``server.app``), the page
-itself (``server/static/``: ``index.html``, ``app.js``, ``rle.js``,
-``style.css``).
+itself (``server/static/``: ``index.html``, ``app.js``, ``connection.js``,
+``webrtc.js``, ``overlay.js``, ``rle.js``, ``speed.js`` (the model's pace
+against the video's), ``style.css``).
 
 ``sam2-stream serve`` serves it (``--no-page`` to leave it out); in code::
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -505,6 +506,55 @@ def test_operator_opens_a_clip_clicks_an_object_and_sees_its_mask(model, browser
 
 
 # ---------------------------------------------------------------- 2: a browser camera published over WebRTC
+
+
+def slow_steps(session: Any, seconds: float) -> None:
+    """Fault injection: each model step of ``session`` takes at least ``seconds`` longer,
+    as SAM 2 at 1024 px does on a CPU (seconds per frame)."""
+    propagate = session.predictor.propagate
+
+    def slow(*args: Any, **kw: Any) -> Any:
+        time.sleep(seconds)
+        return propagate(*args, **kw)
+
+    session.predictor.propagate = slow
+
+
+#: the slow-model notice while shown, else null
+SLOW_NOTICE = "() => { const e = document.getElementById('slow'); return !e.hidden && e.textContent; }"
+
+
+def test_the_page_says_when_the_model_is_slower_than_the_video(model, browser, tmp_path):
+    clip = write_clip(tmp_path / "clip.mp4", n=30)  # 25 frames/s, looped as a live camera
+    with page_server(model, make_config(sources={"clip": str(clip)})) as st, chromium(browser) as (page, watch):
+        page.goto(http_base(st))
+        wait_for(page, "() => window.sam2stream.hello !== null", "the server's hello")
+        assert page.evaluate(SLOW_NOTICE) is False
+        page.click("#open")
+        sid = wait_for(page, "() => window.sam2stream.session && window.sam2stream.session.session_id", "the session")
+        slow_steps(st.server.manager.get(sid), 0.7)
+        pattern = re.compile(
+            r"The model runs at (\d+\.\d+|\d+) frames/s, slower than the video \(25 frames/s\): masks come for about "
+            r"1 frame in (\d+)\. What would help: a GPU \(serve --device cuda\)(, a lighter model \(serve --model "
+            r"sam2\.1-tiny\))?\."
+        )
+        # the notice, once the rate measured over the last frames is the slowed one
+        text = wait_for(
+            page,
+            f"() => {{ const t = ({SLOW_NOTICE})(); const m = t && t.match(/runs at ([0-9.]+) /); "
+            "return m && parseFloat(m[1]) < 1.5 && t; }",
+            "the slow-model notice at the slowed rate", 90,
+        )
+        match = pattern.fullmatch(text)
+        assert match, text
+        assert float(match.group(1)) < 1.5 and int(match.group(2)) >= 17
+        assert 0 < float(page.locator("#stat-model-fps").inner_text()) < 1.5
+        # under the video, which stays where it was
+        assert page.locator("#slow").bounding_box()["y"] > page.locator("#view").bounding_box()["y"]
+        screenshot(page, "browser_slow_model_notice")
+        page.click("#close-session")
+        wait_for(page, f"() => ({SLOW_NOTICE})() === false", "the notice gone with the session")
+        assert not watch.errors, watch.errors
 
 
 def test_publish_the_fake_camera_over_webrtc_then_click_it(model, browser):

@@ -273,6 +273,71 @@ def test_rle_js_decodes_what_the_server_encodes():
     assert result["bad"] == "RLE counts cover 1 pixels, the mask has 4"
 
 
+def run_speed_js(cases: dict[str, dict]) -> dict[str, dict]:
+    """``static/speed.js`` under Node.js: for each case, the model's and the video's rate and the notice."""
+    script = """
+      const src = require('fs').readFileSync(process.argv[1], 'utf8');
+      import('data:text/javascript,' + encodeURIComponent(src)).then((speed) => {
+        const cases = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+        const out = {};
+        for (const [name, c] of Object.entries(cases)) {
+          out[name] = {model: speed.modelFps(c.frames), video: speed.videoFps(c.session, c.frames),
+                       notice: speed.slowNotice(c.session, c.frames, c.model)};
+        }
+        process.stdout.write(JSON.stringify(out));
+      });
+    """
+    out = subprocess.run(
+        [NODE, "-e", script, str(STATIC_DIR / "speed.js")], input=json.dumps(cases), capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def frames_at(processed_s: list[float], model_s: float, source_index: list[int] | None = None, fps: float = 25.0) -> list[dict]:
+    index = source_index or [round(t * fps) for t in processed_s]
+    return [{"processed_s": 1000.0 + t, "model_s": model_s, "source_index": i, "pts_s": i / fps} for t, i in zip(processed_s, index)]
+
+
+@pytest.mark.skipif(NODE is None, reason="no Node.js to run static/speed.js (tests/test_browser.py runs it in Chromium)")
+def test_speed_js_says_when_the_model_is_slower_than_the_video_and_what_would_help():
+    cpu_1024 = {"name": "sam2.1-tiny", "image_size": 1024, "device": "cpu"}
+    cases = {
+        # the issue's case: SAM 2.1 tiny at 1024 px on a 2-core CPU, one step every 5 s, a 25 fps camera
+        "cpu_1024": {"session": {"fps": 25}, "frames": frames_at([0, 5, 10, 15], 4.9), "model": cpu_1024},
+        # one frame so far: its time in the model says
+        "first_frame": {"session": {"fps": 30}, "frames": [{"processed_s": 5.0, "model_s": 10.0}],
+                        "model": {"name": "large", "image_size": 1024, "device": "cpu"}},
+        # no fps in the session: from source_index over pts_s (30 fps), one frame a second
+        "from_pts": {"session": {"fps": None}, "frames": frames_at([0, 1, 2], 0.9, [0, 30, 60], fps=30),
+                     "model": {"name": "sam2.1-tiny", "image_size": 512, "device": "cuda:0"}},
+        "keeps_up": {"session": {"fps": 25}, "frames": frames_at([0, 0.04, 0.08, 0.12], 0.03), "model": cpu_1024},
+        "a_slow_source": {"session": {"fps": 5}, "frames": frames_at([0, 0.2, 0.4], 0.03, fps=5), "model": cpu_1024},
+        "unknown_rate": {"session": {"fps": None}, "frames": [{"processed_s": 5.0, "model_s": 3.0}], "model": cpu_1024},
+        "no_frames": {"session": {"fps": 25}, "frames": [], "model": cpu_1024},
+    }
+    got = run_speed_js(cases)
+    assert got["cpu_1024"] == {
+        "model": pytest.approx(0.2),
+        "video": 25,
+        "notice": "The model runs at 0.20 frames/s, slower than the video (25 frames/s): masks come for about 1 frame "
+        "in 125. What would help: a GPU (serve --device cuda), a smaller input (serve --image-size 512).",
+    }
+    assert got["first_frame"]["notice"] == (
+        "The model runs at 0.10 frames/s, slower than the video (30 frames/s): masks come for about 1 frame in 300. "
+        "What would help: a GPU (serve --device cuda), a smaller input (serve --image-size 512), a lighter model "
+        "(serve --model sam2.1-tiny)."
+    )
+    assert got["from_pts"]["video"] == pytest.approx(30) and got["from_pts"]["notice"] == (
+        "The model runs at 1 frames/s, slower than the video (30 frames/s): masks come for about 1 frame in 30. "
+        "It already runs the lightest setting on a GPU: fewer sessions on this device would help."
+    )
+    assert got["keeps_up"]["model"] == pytest.approx(25) and got["keeps_up"]["notice"] == ""
+    assert got["a_slow_source"]["notice"] == ""  # the model waits for the source, not the other way round
+    assert got["unknown_rate"] == {"model": pytest.approx(1 / 3), "video": None, "notice": ""}
+    assert got["no_frames"] == {"model": None, "video": 25, "notice": ""}
+
+
 # ---------------------------------------------------------------- sam2-stream serve
 
 

@@ -13,11 +13,15 @@
 // exact, and nothing drawn here. Clicks and boxes carry the frame_idx of the
 // mask frame on screen, so the engine conditions on what the operator saw.
 //
+// When the model runs slower than the video, a notice under the video says so,
+// with both rates and what would help (speed.js).
+//
 // window.sam2stream is the page's state, for the console and the tests.
 
 import { Connection, explainRefusal, tokenFromFragment, wsUrl } from "./connection.js";
 import { drawMarks, drawMasks, pickFrame } from "./overlay.js";
 import { objectCss } from "./rle.js";
+import { formatFps, modelFps, slowNotice } from "./speed.js";
 import { openPublisher, openViewer } from "./webrtc.js";
 
 const DRAG_PX = 6; // a press moved further than this (screen px) is a box, not a click
@@ -441,6 +445,19 @@ function updateStats(force = false) {
   $("stat-lag").textContent = f ? String(Math.round((Date.now() / 1000 - f.arrival_s - skew) * 1000)) : "–";
   $("stat-vfps").textContent = state.view ? fps(state.videoTimes, now) : "–";
   $("stat-mfps").textContent = state.session ? fps(state.maskTimes, now) : "–";
+  const model = state.session ? modelFps(state.frames) : null;
+  $("stat-model-fps").textContent = model === null ? "–" : formatFps(model);
+  const notice = state.session ? slowNotice(state.session, state.frames, sessionModel()) : "";
+  if ($("slow").textContent !== notice) $("slow").textContent = notice;
+  $("slow").hidden = !notice;
+}
+
+/** The model of the session on screen ({name, image_size, device}), where it runs now. */
+function sessionModel() {
+  const hello = state.hello;
+  if (!hello || !state.session) return null;
+  const info = (hello.models || []).find((m) => m.name === state.session.model) || hello.model;
+  return info && { ...info, device: state.session.device || info.device };
 }
 
 /** Frames per second from the arrival times of the last FPS_WINDOW_MS; 0 once frames stop. */
