@@ -296,6 +296,16 @@ def test_several_sequences_global_mean_is_over_all_objects(tmp_path, capsys):
     assert r["J"] != pytest.approx((a["J"] + b["J"]) / 2)
 
 
+def test_frames_not_scored_are_not_read(tmp_path, capsys):
+    """A run's DAVIS PNGs are decoded frame by frame as scored: the first frame (not scored) is never opened."""
+    labels = clip()
+    gt = write_gt(tmp_path / "gt" / "walk", labels).parent
+    run = write_run(tmp_path / "run", "walk", labels)
+    (run / "walk" / "00000.png").write_bytes(b"not a PNG")
+    run_eval(["--gt", str(gt), str(run), "--json", str(tmp_path / "s.json")], capsys)
+    assert json.loads((tmp_path / "s.json").read_text())["runs"][0]["J"] == 1.0
+
+
 def test_all_frames_scores_first_and_last(tmp_path, capsys):
     labels = clip()
     pred = [labels[0]] + labels[1:-1] + [np.zeros_like(labels[0])]  # the last frame lost

@@ -56,7 +56,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -460,11 +460,36 @@ class PredictedSequence:
     path: Path
     summary: RunSummary | None = None
 
-    def masks(self) -> dict[int, dict[int, np.ndarray]]:
-        """``{frame_idx: {obj_id: bool (H, W) mask}}`` (the whole sequence: one sequence in memory at a time)."""
-        from tracker.export import read_coco, read_davis
+    def masks(self) -> Mapping[int, dict[int, np.ndarray]]:
+        """``{frame_idx: {obj_id: bool (H, W) mask}}``.
 
-        return read_davis(self.path) if self.format == "davis" else read_coco(self.path)
+        DAVIS frames are decoded one at a time when asked for (as
+        :func:`tracker.export.read_davis` decodes each), so a long clip costs one
+        frame of memory; a COCO file is read whole by :func:`tracker.export.read_coco`.
+        """
+        if self.format == "davis":
+            return _DavisFrames(self.path)
+        from tracker.export import read_coco
+
+        return read_coco(self.path)
+
+
+class _DavisFrames(Mapping[int, dict[int, np.ndarray]]):
+    """A DAVIS folder's frames by index, each label PNG decoded on access."""
+
+    def __init__(self, folder: Path) -> None:
+        self._files = {int(p.stem): p for p in folder.iterdir() if _DAVIS_PNG.match(p.name)}
+
+    def __getitem__(self, frame_idx: int) -> dict[int, np.ndarray]:
+        from tracker.masks import decode_label_png, label_map_to_masks
+
+        return label_map_to_masks(decode_label_png(self._files[frame_idx].read_bytes()))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._files))
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 @dataclass(frozen=True)
