@@ -424,6 +424,9 @@ def test_runs_must_cover_the_same_sequences(tmp_path):
     with pytest.raises(EvalError) as err:
         evaluate(gt, [find_run(both)], frames_per_s=[1.0, 2.0])
     assert str(err.value) == "--fps given 2 time(s) for 1 run(s): give it once per run, in order"
+    with pytest.raises(EvalError) as err:
+        evaluate(gt, [])
+    assert str(err.value) == "no run to score: give at least one annotate output"
 
 
 def test_bad_inputs_are_named(tmp_path, capsys):

@@ -182,6 +182,10 @@ def test_annotate_run_scored_end_to_end(random_checkpoint, tmp_path, capsys):
     (seq,) = random_run["sequences"]
     assert (seq["name"], seq["frames"], [o["obj_id"] for o in seq["objects"]]) == ("chair4", 2, [1])
     assert 0.0 <= random_run["J"] <= 1.0 and 0.0 <= random_run["F"] <= 1.0
+    if (out / "chair4.run.json").exists():  # annotate records its speed (tracker.evaluate.write_run_summary)
+        assert random_run["frames_per_s"] > 0 and random_run["model"] == "sam2.1-tiny"
+    else:
+        assert random_run["frames_per_s"] is None
     lines = table.splitlines()
     summary = lines[lines.index("") + 1 :]
     assert [line.split()[0] for line in summary] == ["run", "random", "oracle"]

@@ -646,6 +646,8 @@ def evaluate(
     frames_per_s: Sequence[float | None] | None = None,
 ) -> list[RunScore]:
     """Score each run on the same sequences; ``frames_per_s`` (one per run) overrides the runs' summaries."""
+    if not runs:
+        raise EvalError("no run to score: give at least one annotate output")
     if frames_per_s is not None and len(frames_per_s) != len(runs):
         raise EvalError(f"--fps given {len(frames_per_s)} time(s) for {len(runs)} run(s): give it once per run, in order")
     pairs = [_pair(run, gt) for run in runs]
@@ -656,7 +658,7 @@ def evaluate(
                 f"run {run.name} has sequences {', '.join(seqs)}, run {runs[0].name} {', '.join(names[0])}: "
                 "runs compared side by side must cover the same sequences"
             )
-    not_run = sorted(set(gt) - set(names[0])) if runs else []
+    not_run = sorted(set(gt) - set(names[0]))
     if not_run and len(gt) > 1:
         log.info("ground truth without a run, not scored: %s", ", ".join(not_run))
     scores = []
