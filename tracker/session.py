@@ -241,7 +241,10 @@ class TrackingSession:
         """Prompt an object (``None``: a new id) on a recent frame; runs on the worker.
 
         The future holds the object's mask on the prompted frame, or the
-        PromptError/SessionError that refused it.
+        PromptError/SessionError that refused it. Raised at once: SessionError
+        (closed session, object limit, no free id), PromptError (``obj_id``
+        outside [1, 2^31 - 1]). A new object gets the id after the largest in
+        use, or the lowest free one once that would pass 2^31 - 1.
         """
         self._check_open()
         if obj_id is not None:
