@@ -173,8 +173,8 @@ class ImageSegmenter:
         """Embeddings of ``images`` from rows ``start…`` of a ``forward_image`` output.
 
         Mirrors the part of ``SAM2ImagePredictor.set_image_batch`` after the
-        encoder. Each embedding gets its own copy of its rows, so it holds (and
-        the cache counts) one image's memory, not the batch's.
+        encoder. Each embedding gets its own contiguous copy of its rows, so it
+        holds (and the cache counts) one image's memory, not the batch's.
         """
         stop = start + len(images)
         rows = {
@@ -189,10 +189,11 @@ class ImageSegmenter:
             feat.permute(1, 2, 0).reshape(n, -1, *feat_size)
             for feat, feat_size in zip(vision_feats[::-1], self.predictor._bb_feat_sizes[::-1])
         ][::-1]
+        own = torch.contiguous_format  # one layout, however many images the batch had
         return [
             ImageEmbedding(
-                image_embed=feats[-1][i : i + 1].clone(),
-                high_res_feats=tuple(f[i : i + 1].clone() for f in feats[:-1]),
+                image_embed=feats[-1][i : i + 1].clone(memory_format=own),
+                high_res_feats=tuple(f[i : i + 1].clone(memory_format=own) for f in feats[:-1]),
                 size_hw=image.size_hw,
                 model=self.model_key,
             )
