@@ -111,8 +111,9 @@ def _probe_file(spec: Any, count_frames: bool) -> SourceProbe:
     from tracker.sources.av_reader import configure_decoder, open_container
     from tracker.sources.frame import quarter_turns
 
-    container, stream = open_container(spec)
-    with container:
+    opened = open_container(spec)
+    container, stream = opened.container, opened.stream
+    try:
         configure_decoder(stream, live=True)  # slice threads: the first frame comes out of the first packets
         codec = stream.codec_context
         header = int(stream.frames or 0)
@@ -140,6 +141,8 @@ def _probe_file(spec: Any, count_frames: bool) -> SourceProbe:
             size_hw = (first.width, first.height) if turns % 2 else (first.height, first.width)
         else:
             size_hw = None  # nothing decodes: the reader will say so
+    finally:
+        opened.close()
     if header:
         return SourceProbe(spec.display, spec.kind, size_hw, fps, header, "header")
     if count_frames:
