@@ -75,8 +75,6 @@ logger = logging.getLogger("sam2-stream.server")
 RouteHandler = Callable[[ServerConnection, Request], "Response | None"]
 
 WEBSOCKET_PATHS = ("/", "/ws")
-#: how long a close handshake may take before the connection is aborted
-_CLOSE_TIMEOUT_S = 5.0
 #: what a client's ``open`` treats as a source name rather than a URI or path
 _BARE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -226,7 +224,7 @@ class TrackingServer:
                 # waits for a full send buffer before its pong timer starts
                 ping_interval=None,
                 ping_timeout=None,
-                close_timeout=_CLOSE_TIMEOUT_S,
+                close_timeout=s.close_timeout_s,
                 process_request=self._process_request,
                 server_header=f"{SERVER_NAME}/{server_version()}",
                 ssl=self._ssl,
@@ -270,7 +268,8 @@ class TrackingServer:
         if self._ws is not None:
             self._ws.close()  # 1001 to every connection; a client that stopped reading cannot take it
             try:
-                await asyncio.wait_for(asyncio.shield(self._ws.wait_closed()), _CLOSE_TIMEOUT_S + 1)
+                grace = self.config.server.close_timeout_s + 1
+                await asyncio.wait_for(asyncio.shield(self._ws.wait_closed()), grace)
             except asyncio.TimeoutError:
                 for client in list(self.clients):
                     client.ws.transport.abort()

@@ -103,6 +103,9 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: it stopped reading) is closed with 1008, aborted if the close frame cannot
     #: get through either, and its slot freed
     send_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 20.0
+    #: a closing handshake that takes longer (the peer does not answer, or cannot
+    #: read the close frame behind a full buffer) ends with the connection aborted
+    close_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     #: a status line in the log this often while sessions run (0: never)
     log_every_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 

@@ -100,10 +100,6 @@ _ERROR_CODES: tuple[tuple[type[TrackerError], str], ...] = (
 )
 
 
-class _Dropped(Exception):
-    """The sender gave up on a client that stopped reading (it is being closed)."""
-
-
 #: requests served beside the reader (they wait for a source), bounded by ``max_opens_in_flight``
 _OPENS = (Open, WebRTCPublish)
 
@@ -305,7 +301,7 @@ class ClientConnection:
             self._dropping = self.server.spawn(self._close_or_abort(code, reason))
 
     async def _close_or_abort(self, code: int, reason: str) -> None:
-        grace = self.ws.close_timeout or 5.0
+        grace = self.server.config.server.close_timeout_s
         try:
             await asyncio.wait_for(self.ws.close(code, reason), grace)
         except (asyncio.TimeoutError, ConnectionClosed, OSError):
@@ -316,14 +312,22 @@ class ClientConnection:
                 self.ws.transport.abort()
 
     async def _write(self, data: bytes, text: bool) -> None:
-        """One message, or :meth:`drop` when the client takes none of it within ``send_timeout_s``."""
-        timeout = self.server.config.server.send_timeout_s
+        """One message; :meth:`drop` the client when it takes none of it within
+        ``send_timeout_s`` (the send then ends with the connection).
+
+        A timer rather than ``wait_for``: the send is not cancelled half-way
+        (websockets advises against it) and costs no task when it does not wait.
+        """
+        timer = self.server.loop.call_later(self.server.config.server.send_timeout_s, self._send_timed_out)
         try:
-            await asyncio.wait_for(self.ws.send(data, text=text), timeout)
-        except asyncio.TimeoutError:
-            logger.warning("client %d: its socket took no data for %g s; closing it", self.id, timeout)
-            self.drop(1008, f"not reading: the send buffer did not drain within {timeout:g} s")
-            raise _Dropped from None
+            await self.ws.send(data, text=text)
+        finally:
+            timer.cancel()
+
+    def _send_timed_out(self) -> None:
+        timeout = self.server.config.server.send_timeout_s
+        logger.warning("client %d: its socket took no data for %g s; closing it", self.id, timeout)
+        self.drop(1008, f"not reading: the send buffer did not drain within {timeout:g} s")
 
     async def _keepalive(self) -> None:
         """Ping every ``ping_interval_s``; close a client whose pong does not come
@@ -382,7 +386,7 @@ class ClientConnection:
                         metrics.observe("deliver", now - processed_s)
                     if arrival_s is not None:
                         metrics.observe("total", now - arrival_s)
-        except (ConnectionClosed, _Dropped):
+        except ConnectionClosed:
             pass
 
     # ---------------------------------------------------------------- input
