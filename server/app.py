@@ -51,12 +51,14 @@ from websockets.http11 import Request, Response
 
 from server.config import ConfigError, ServerConfig, SourceCatalog
 from server.connection import ClientConnection, SessionHub
+from server.images import ImageService, max_image_message_bytes
 from server.metrics import CONTENT_TYPE, ClientSample, ServerMetrics, SessionSample, Snapshot
 from server.protocol import (
     MASK_FORMATS,
     PROTOCOL_VERSION,
     SERVER_NAME,
     Hello,
+    ImagesStatsInfo,
     LatencyInfo,
     LimitsInfo,
     ModelInfo,
@@ -162,6 +164,7 @@ class TrackingServer:
         self.loop: asyncio.AbstractEventLoop
         self.worker: InferenceWorker
         self.manager: SessionManager
+        self.images: ImageService | None = None
         self.encoder_pool: ThreadPoolExecutor
         self._blocking_pool: ThreadPoolExecutor
         self._open_pool: ThreadPoolExecutor
@@ -178,7 +181,7 @@ class TrackingServer:
         """Start the worker and listen; returns once clients can connect."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
-        self.worker = InferenceWorker(self.model, max_batch=cfg.model.max_batch)
+        self.worker = InferenceWorker(self.model, max_batch=cfg.model.max_batch, max_image_batch=cfg.images.max_batch)
         self.manager = SessionManager(
             self.worker,
             max_sessions=cfg.limits.max_sessions,
@@ -208,6 +211,10 @@ class TrackingServer:
         self._open_pool = ThreadPoolExecutor(
             cfg.server.max_clients * cfg.limits.max_opens_in_flight, thread_name_prefix="sam2-stream-open"
         )
+        if cfg.images.enabled:
+            from tracker.segment import ImageSegmenter
+
+            self.images = ImageService(cfg, ImageSegmenter(self.model), self.worker, self.run_blocking)
         s = cfg.server
         origins: list[str | None] | None = [*s.allow_origins, None] if s.allow_origins else None
         try:
@@ -217,7 +224,9 @@ class TrackingServer:
                 s.port,
                 origins=origins,  # type: ignore[arg-type]
                 compression=None,
-                max_size=s.max_message_bytes,
+                # image_open carries a file in base64: the only message allowed past
+                # max_message_bytes (server.connection closes others with 1009)
+                max_size=self.max_size,
                 max_queue=16,
                 write_limit=s.write_limit_bytes,
                 # keepalive is server.connection.ClientConnection's: websockets'
@@ -279,12 +288,23 @@ class TrackingServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for worker in self.manager.workers:
             await self.run_blocking(worker.stop)
+        if self.images is not None:
+            await self.run_blocking(self.images.stop)
         if self._webrtc is not None and self.config.webrtc.ice_host_addresses:
             self._webrtc.set_ice_host_addresses(None)  # process-wide: leave it as found
         self._blocking_pool.shutdown(wait=False)
         self._open_pool.shutdown(wait=False, cancel_futures=True)  # a stalled open ends on its own timeout
         self.encoder_pool.shutdown(wait=False)
         logger.info("stopped")
+
+    @property
+    def max_size(self) -> int:
+        """The largest WebSocket message taken: ``max_message_bytes``, or an
+        ``image_open`` of an ``[images] max_bytes`` file in base64 when larger."""
+        size = self.config.server.max_message_bytes
+        if self.config.images.enabled:
+            size = max(size, max_image_message_bytes(self.config.images))
+        return size
 
     async def __aenter__(self) -> TrackingServer:
         await self.start()
@@ -558,10 +578,33 @@ class TrackingServer:
         """Optional requests served here: the WebRTC ones when aiortc is installed and allowed."""
         if self._has_aiortc is None:
             self._has_aiortc = importlib.util.find_spec("aiortc") is not None
+        images = ["images"] if self.config.images.enabled else []
         if not self._has_aiortc:
-            return []
+            return images
         w = self.config.webrtc
-        return [name for name, on in (("webrtc_publish", w.publish), ("webrtc_view", w.view)) if on]
+        return [name for name, on in (("webrtc_publish", w.publish), ("webrtc_view", w.view)) if on] + images
+
+    def images_stats(self) -> ImagesStatsInfo | None:
+        if self.images is None:
+            return None
+        st = self.images.stats()
+        c = st.cache
+        return ImagesStatsInfo(
+            cache_hits=c.hits,
+            cache_misses=c.misses,
+            cache_evictions=c.evictions,
+            cache_rejected=c.rejected,
+            cache_bytes=c.bytes,
+            cache_entries=c.entries,
+            cache_budget_bytes=c.budget_bytes,
+            open_images=st.open_images,
+            opens=st.counters.opens,
+            segments=st.counters.segments,
+            recomputed=st.counters.recomputed,
+            encoder_batches=st.encoder_batches,
+            images_encoded=st.images_encoded,
+            cpu_fallbacks=st.counters.cpu_fallbacks,
+        )
 
     def session_info(self, session: TrackingSession) -> SessionInfo:
         info = session.info()
@@ -639,7 +682,9 @@ class TrackingServer:
             )
         clients = [ClientSample(c.id, c.frames_sent, c.frames_dropped) for c in list(self.clients)]
         workers = self.manager.workers
-        return Snapshot(sessions, clients, sum(w.steps for w in workers), sum(w.batched_frames for w in workers))
+        return Snapshot(
+            sessions, clients, sum(w.steps for w in workers), sum(w.batched_frames for w in workers), self.images_stats()
+        )
 
     # ---------------------------------------------------------------- HTTP and connections
 

@@ -33,6 +33,10 @@ through msgspec, so a wrong key or type is refused at start-up with its path
     [webrtc]                    # video in/out over WebRTC (aiortc)
     ice_host_addresses = ["192.168.1.20"]
 
+    [images]                    # image mode: image_open / image_segment
+    dirs = ["/data/photos"]     # what image_open's "name" may read
+    cache_bytes = 1073741824    # embeddings kept, all clients together
+
     [sources]                   # what clients open by name
     cam1 = "rtsp://user:pw@10.0.0.5/stream"
     clip = { uri = "clip.mp4", loop = true, options = { resize = 640 } }
@@ -199,6 +203,28 @@ class WebRTCSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     frame_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
 
 
+class ImagesSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Image mode (``image_open`` / ``image_segment``, :mod:`server.images`)."""
+
+    #: serve image mode at all
+    enabled: bool = True
+    #: folders ``image_open``'s ``name`` may read from (canonical paths inside them only)
+    dirs: list[str] = []
+    #: embeddings kept for every client together (LRU, recomputed on demand once evicted)
+    cache_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1 << 30
+    #: an uploaded or named image file's size at most (the WebSocket takes its base64)
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 2**20)] = 16 * 2**20
+    #: an image's width x height at most, checked from its header (decompression bombs)
+    max_pixels: Annotated[int, msgspec.Meta(ge=1)] = 50_000_000
+    #: images one connection may have open at once
+    max_open_per_client: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
+    #: ``image_open`` requests per second per client, and bursts
+    opens_per_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    open_burst: Annotated[int, msgspec.Meta(ge=1)] = 10
+    #: images pending at once that share one image-encoder call
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+
+
 class SourceEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     uri: str
     #: files: start again at the end (default true); ignored for live sources
@@ -218,6 +244,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     policy: PolicySection = msgspec.field(default_factory=PolicySection)
     webrtc: WebRTCSection = msgspec.field(default_factory=WebRTCSection)
+    images: ImagesSection = msgspec.field(default_factory=ImagesSection)
     sources: dict[str, Union[str, SourceEntry]] = {}
     #: folder relative paths are read from (the config file's); not a file key
     base_dir: str | None = None

@@ -39,6 +39,12 @@ from server.protocol import (
     AddPoints,
     Close,
     EncodedFrame,
+    ImageClose,
+    ImageCloseReply,
+    ImageOpen,
+    ImageOpenReply,
+    ImageSegment,
+    ImageSegmentReply,
     ListReply,
     ListSessions,
     Open,
@@ -64,10 +70,13 @@ from server.protocol import (
     WebRTCPublish,
     WebRTCView,
     encode,
+    encode_binary_reply,
     encode_error,
     encode_event,
     encode_frame,
     error_from,
+    image_mask_msg,
+    message_type,
     object_msg,
     parse_request,
     stamp_sent,
@@ -115,6 +124,30 @@ def _encode_all(
     result: FrameResult, session_id: str, formats: set[str], queue_s: float | None, model_s: float | None
 ) -> dict[str, EncodedFrame]:
     return {fmt: encode_frame(result, session_id, fmt, queue_s=queue_s, model_s=model_s) for fmt in formats}
+
+
+class BinaryReply(bytes):
+    """An encoded reply to send as a *binary* message (PNG masks after a JSON header)."""
+
+
+def _segment_reply(req: ImageSegment, answer: Any) -> ImageSegmentReply | BinaryReply:
+    """The reply to an ``image_segment``, masks encoded in the requested format
+    (off the event loop: RLE / PNG / polygons of full-size masks take a while)."""
+    payload: list[bytes] = []
+    h, w = answer.image.size_hw
+    reply = ImageSegmentReply(
+        id=req.id,
+        image_id=answer.image.image_id,
+        answer=answer.image.answers,
+        width=w,
+        height=h,
+        decode_s=answer.decode_s,
+        embed_s=answer.embed_s,
+        masks=[image_mask_msg(c.mask_hw, c.score, req.mask_format, payload) for c in answer.result.candidates],
+    )
+    if req.mask_format == "png":
+        return BinaryReply(encode_binary_reply(reply, payload))
+    return reply
 
 
 @dataclass
@@ -252,7 +285,11 @@ class ClientConnection:
             Stats: self._stats,
             WebRTCPublish: self._webrtc_publish,
             WebRTCView: self._webrtc_view,
+            ImageOpen: self._image_open,
+            ImageSegment: self._image_segment,
+            ImageClose: self._image_close,
         }
+        self.image_bucket = TokenBucket(server.config.images.opens_per_s, server.config.images.open_burst)
 
     # ---------------------------------------------------------------- output
 
@@ -370,7 +407,8 @@ class ClientConnection:
                     if self.closed:
                         return
                     if self._control:
-                        await self._write(self._control.popleft(), True)
+                        data = self._control.popleft()
+                        await self._write(data, not isinstance(data, BinaryReply))
                         continue
                     sub = self._next_ready()
                     if sub is None:
@@ -408,6 +446,8 @@ class ClientConnection:
             for task in (sender, keepalive):
                 task.cancel()
             await asyncio.gather(sender, keepalive, return_exceptions=True)
+            if self.server.images is not None:
+                self.server.images.close_client(self.id)
             for viewer in self.viewers:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(viewer.close(), 5)
@@ -430,6 +470,11 @@ class ClientConnection:
         (at most ``max_opens_in_flight`` per connection), the others in order.
         """
         metrics = self.server.metrics
+        limit = self.server.config.server.max_message_bytes
+        if len(message) > limit and message_type(message) != "image_open":
+            # the socket takes messages this big for image_open only
+            self.drop(1009, f"message of {len(message)} bytes; the limit is {limit} bytes (image_open excepted)")
+            return
         try:
             request = parse_request(message)
         except ProtocolError as exc:
@@ -478,7 +523,7 @@ class ClientConnection:
             logger.exception("client %d: %s request failed", self.id, kind)
             code, text = "internal", f"internal error while serving {kind}; the server logged it"
         else:
-            self.send_control(encode(reply))
+            self.send_control(reply if isinstance(reply, BinaryReply) else encode(reply))
             return
         metrics.errors.labels(code).inc()
         self.send_control(encode_error(request.id, code, text, field))
@@ -639,6 +684,61 @@ class ClientConnection:
         self.viewers.append(viewer)
         return ViewReply(id=req.id, session_id=hub.session.id, answer=SessionDescription(**viewer.answer))
 
+    # ---------------------------------------------------------------- image mode
+
+    def _images(self) -> Any:
+        if self.server.images is None:
+            raise ProtocolError("not_supported", "this server does not serve image mode ([images] enabled = false)")
+        return self.server.images
+
+    async def _image_open(self, req: ImageOpen) -> ImageOpenReply:
+        images = self._images()
+        if not self.image_bucket.take():
+            raise ProtocolError(
+                "rate_limited",
+                f"more than {self.server.config.images.opens_per_s:g} image opens per second; "
+                f"retry in {self.image_bucket.wait_s():.2f} s",
+            )
+        opened = await images.open(self.id, data=req.data, name=req.name)
+        if self.closed:
+            images.close_client(self.id)
+        h, w = opened.image.size_hw
+        d = opened.decoded
+        return ImageOpenReply(
+            id=req.id,
+            image_id=opened.image.image_id,
+            width=w,
+            height=h,
+            embed_s=opened.embed_s,
+            cached=opened.cached,
+            format=d.format,
+            mode=d.mode,
+            exif_orientation=d.exif_orientation,
+        )
+
+    async def _image_segment(self, req: ImageSegment) -> Any:
+        images = self._images()
+        if not self.prompt_bucket.take():
+            raise ProtocolError(
+                "rate_limited",
+                f"more than {self.server.config.limits.prompts_per_s:g} prompts per second; "
+                f"retry in {self.prompt_bucket.wait_s():.2f} s",
+            )
+        answer = await images.segment(
+            self.id,
+            req.image_id,
+            points_xy=None if req.points_xy is None else [list(p) for p in req.points_xy],
+            labels=None if req.labels is None else list(req.labels),
+            box_xyxy=None if req.box_xyxy is None else list(req.box_xyxy),
+            multimask=req.multimask,
+            previous=req.previous,
+        )
+        return await self.server.loop.run_in_executor(self.server.encoder_pool, _segment_reply, req, answer)
+
+    async def _image_close(self, req: ImageClose) -> ImageCloseReply:
+        self._images().close(self.id, req.image_id)
+        return ImageCloseReply(id=req.id, image_id=req.image_id)
+
     async def _list(self, req: ListSessions) -> ListReply:
         return ListReply(id=req.id, sessions=[self.server.session_info(s) for s in self.server.manager.list()])
 
@@ -657,4 +757,5 @@ class ClientConnection:
                 )
                 for sid, s in self.subs.items()
             ],
+            images=server.images_stats(),
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -61,6 +62,8 @@ class Snapshot:
     clients: list[ClientSample] = field(default_factory=list)
     worker_steps: int = 0
     worker_batched_frames: int = 0
+    #: image mode's figures (``server.protocol.ImagesStatsInfo``), None where it is off
+    images: Any = None
 
 
 class _StateCollector(Collector):
@@ -119,6 +122,25 @@ class _StateCollector(Collector):
             "Frames through the image encoder; / steps = mean batch size",
             value=snap.worker_batched_frames,
         )
+        im = snap.images
+        if im is not None:
+            for name, doc, value in (
+                ("cache_hits", "Image embeddings found in the cache", im.cache_hits),
+                ("cache_misses", "Image embeddings not in the cache (encoded)", im.cache_misses),
+                ("cache_evictions", "Image embeddings evicted to stay within the budget", im.cache_evictions),
+                ("encoder_batches", "Image-encoder calls for images", im.encoder_batches),
+                ("encoded", "Images through those calls; / encoder_batches = mean batch", im.images_encoded),
+                ("segments", "Image prompts answered", im.segments),
+                ("recomputed", "Image prompts whose evicted embedding was encoded again", im.recomputed),
+            ):
+                yield CounterMetricFamily(f"sam2_stream_images_{name}", doc, value=value)
+            for name, doc, value in (
+                ("cache_bytes", "Bytes the cached image embeddings hold", im.cache_bytes),
+                ("cache_entries", "Image embeddings cached", im.cache_entries),
+                ("cache_budget_bytes", "The image embedding cache's budget ([images] cache_bytes)", im.cache_budget_bytes),
+                ("open", "Images open, all clients", im.open_images),
+            ):
+                yield GaugeMetricFamily(f"sam2_stream_images_{name}", doc, value=value)
 
 
 class ServerMetrics:

@@ -45,7 +45,15 @@ import msgspec
 import numpy as np
 
 from tracker.errors import TrackerError
-from tracker.masks import decode_png, decode_rle, encode_png, encode_rle, mask_to_polygons, polygons_to_mask
+from tracker.masks import (
+    decode_png,
+    decode_rle,
+    encode_png,
+    encode_rle,
+    mask_box_xyxy,
+    mask_to_polygons,
+    polygons_to_mask,
+)
 from tracker.results import FrameResult, ObjectResult
 
 PROTOCOL_VERSION = 1
@@ -243,9 +251,38 @@ class WebRTCView(Request, tag="webrtc_view", kw_only=True):
     draw_masks: bool = True
 
 
+ImageId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class ImageOpen(Request, tag="image_open", kw_only=True):
+    """An image to segment: its file's bytes in base64 (``data``) or a file in
+    the config's ``[images] dirs`` (``name``); exactly one of the two."""
+
+    data: str | None = None
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+
+
+class ImageSegment(Request, tag="image_segment", kw_only=True):
+    """A prompt on an open image; ``previous`` feeds candidate ``previous`` of
+    this image's last answer back as SAM's ``mask_input`` (its low-res logits,
+    kept server-side)."""
+
+    image_id: ImageId
+    points_xy: PointList | None = None
+    labels: LabelList | None = None
+    box_xyxy: tuple[Coord, Coord, Coord, Coord] | None = None
+    multimask: bool = False
+    previous: Annotated[int, msgspec.Meta(ge=0, le=2)] | None = None
+    mask_format: MaskFormat = "rle"
+
+
+class ImageClose(Request, tag="image_close", kw_only=True):
+    image_id: ImageId
+
+
 AnyRequest = Union[
     Open, Subscribe, Unsubscribe, AddPoints, AddBox, RemoveObject, Reset, Pause, Resume, Close, ListSessions, Stats,
-    WebRTCPublish, WebRTCView,
+    WebRTCPublish, WebRTCView, ImageOpen, ImageSegment, ImageClose,
 ]
 REQUEST_TYPES: tuple[str, ...] = tuple(t.__struct_config__.tag for t in AnyRequest.__args__)  # type: ignore[attr-defined]
 
@@ -359,6 +396,11 @@ def _request_id(raw: Any) -> Any:
         return None
 
 
+def message_type(data: str | bytes) -> Any:
+    """The ``type`` of a message, read without validating the rest (None if unreadable)."""
+    return _peek(data).type
+
+
 def parse_request(data: str | bytes) -> AnyRequest:
     """Parse and validate one client message.
 
@@ -404,6 +446,13 @@ def _check_request(request: AnyRequest) -> None:
         missing = "labels" if labels is None else "points_xy"
         raise ProtocolError(
             "invalid_message", f"points_xy and labels go together; {missing} is missing", field=missing,
+            request_id=request.id,
+        )
+    if isinstance(request, ImageOpen) and (request.data is None) == (request.name is None):
+        raise ProtocolError(
+            "invalid_message",
+            "image_open takes exactly one of data (the image file in base64) and name (a file in the image folders)",
+            field="data",
             request_id=request.id,
         )
     if points is not None and labels is not None and len(points) != len(labels):
@@ -646,10 +695,71 @@ class ServerStats(msgspec.Struct, kw_only=True):
     worker_batched_frames: int
 
 
+class ImagesStatsInfo(msgspec.Struct, kw_only=True):
+    """Image mode: the shared embedding cache and the work done."""
+
+    cache_hits: int
+    cache_misses: int
+    cache_evictions: int
+    cache_rejected: int  # embeddings bigger than the whole budget, not kept
+    cache_bytes: int
+    cache_entries: int
+    cache_budget_bytes: int
+    open_images: int  # all clients
+    opens: int
+    segments: int
+    recomputed: int  # prompts whose embedding had been evicted and was encoded again
+    encoder_batches: int
+    images_encoded: int  # images through those batches (/ encoder_batches = mean batch)
+    cpu_fallbacks: int
+
+
 class StatsReply(Reply, kw_only=True):
     server: ServerStats
     sessions: list[SessionStatsInfo]
     client: list[SubscriptionStats]
+    images: ImagesStatsInfo | None = None  # where image mode is served
+
+
+class ImageOpenReply(Reply, kw_only=True):
+    """An open image: its id on this connection, upright size, and what the
+    embedding cost (``embed_s`` 0 and ``cached`` true when another upload of the
+    same pixels had made it)."""
+
+    image_id: str
+    width: int
+    height: int
+    embed_s: float
+    cached: bool
+    format: str = ""
+    mode: str = ""
+    exif_orientation: int = 1
+
+
+class ImageMaskMsg(msgspec.Struct, kw_only=True):
+    """One candidate mask of an image prompt; ``score`` is SAM's predicted IoU."""
+
+    score: float
+    box_xyxy: list[int] | None
+    area: int
+    mask: Mask | None = None
+
+
+class ImageSegmentReply(Reply, kw_only=True):
+    """Masks for one prompt, best first; ``answer`` numbers this image's answers."""
+
+    image_id: str
+    answer: int
+    width: int
+    height: int
+    decode_s: float
+    embed_s: float
+    masks: list[ImageMaskMsg]
+
+
+class ImageCloseReply(Reply, kw_only=True):
+    image_id: str
+    closed: bool = True
 
 
 class PublishReply(Reply, kw_only=True):
@@ -779,6 +889,42 @@ def stamp_sent(frame: EncodedFrame, sent_s: float | None = None) -> bytes:
     return BINARY_MAGIC + struct.pack(">I", len(header)) + header + frame.data[8 + n:]
 
 
+def image_mask_msg(mask_hw: np.ndarray, score: float, mask_format: str, payload: list[bytes] | None = None) -> ImageMaskMsg:
+    """One image candidate in the wire form (the mask formats of frames; PNG
+    bytes appended to ``payload``)."""
+    mask: Mask | None
+    if mask_format == "rle":
+        rle = encode_rle(mask_hw)
+        mask = RLEMask(size=list(rle["size"]), counts=rle["counts"])
+    elif mask_format == "png":
+        if payload is None:
+            raise ValueError("png masks need a payload list")
+        png = encode_png(mask_hw)
+        mask = PNGMask(offset=sum(len(p) for p in payload), length=len(png))
+        payload.append(png)
+    elif mask_format == "polygon":
+        h, w = mask_hw.shape
+        mask = PolygonMask(size=[int(h), int(w)], polygons=mask_to_polygons(mask_hw))
+    elif mask_format == "none":
+        mask = None
+    else:
+        raise ValueError(f"unknown mask format {mask_format!r}; use one of {', '.join(MASK_FORMATS)}")
+    box = mask_box_xyxy(mask_hw)
+    return ImageMaskMsg(
+        score=float(score),
+        box_xyxy=None if box is None else [int(v) for v in box],
+        area=int(np.count_nonzero(mask_hw)),
+        mask=mask,
+    )
+
+
+def encode_binary_reply(reply: Reply, payload: list[bytes]) -> bytes:
+    """A reply whose masks are PNG files, laid out as a PNG frame message:
+    ``BINARY_MAGIC``, uint32 big-endian header length, the JSON reply, the PNGs."""
+    header = _encoder.encode(reply)
+    return BINARY_MAGIC + struct.pack(">I", len(header)) + header + b"".join(payload)
+
+
 def encode_event(event: Any) -> bytes:
     """A ``tracker.session.SessionEvent`` as an ``event`` message."""
     return _encoder.encode(
@@ -810,7 +956,9 @@ def decode_server_message(data: str | bytes) -> tuple[Hello | ErrorMsg | FrameMs
         if isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:4]) == BINARY_MAGIC:
             data = bytes(data)
             (n,) = struct.unpack_from(">I", data, 4)
-            return _frame_decoder.decode(data[8: 8 + n]), data[8 + n:]
+            header = data[8: 8 + n]
+            decoder = _frame_decoder if header.startswith(b'{"type":"frame"') else _server_decoder
+            return decoder.decode(header), data[8 + n:]
         return _server_decoder.decode(data), b""
     except (msgspec.DecodeError, msgspec.ValidationError, struct.error) as exc:
         raise ProtocolError("invalid_message", f"cannot read a server message: {exc}") from None

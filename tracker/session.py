@@ -487,10 +487,26 @@ class InferenceWorker:
     commands (its ``limits.prompts_per_step``; commands of no session take
     this worker's ``prompts_per_step``), sessions in turn, then one frame step:
     however many prompts one session queues, another session's frames are
-    stepped between them, and its commands wait behind a bounded number."""
+    stepped between them, and its commands wait behind a bounded number.
+
+    Image mode (``tracker.segment``) shares the thread: prompts on embeddings
+    (:meth:`submit_image_prompt`, decoder only, milliseconds) run first in each
+    round, at most ``image_prompts_per_step`` of them (an operator waits on
+    them); images to embed (:meth:`submit_image_embed`) wait together and each
+    round sends those pending through the image encoder as **one**
+    ``ImageSegmenter.embed`` call (up to ``max_image_batch``), between the
+    commands and the frame step. A live session therefore waits at most one
+    image batch between two of its frame steps."""
 
     def __init__(
-        self, model: torch.nn.Module, *, max_batch: int = 4, name: str = "inference", prompts_per_step: int = 1
+        self,
+        model: torch.nn.Module,
+        *,
+        max_batch: int = 4,
+        name: str = "inference",
+        prompts_per_step: int = 1,
+        max_image_batch: int = 8,
+        image_prompts_per_step: int = 16,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
@@ -506,6 +522,14 @@ class InferenceWorker:
         self._lock = threading.Lock()
         self.steps = 0
         self.batched_frames = 0
+        self.max_image_batch = max(1, int(max_image_batch))
+        self.image_prompts_per_step = max(1, int(image_prompts_per_step))
+        self._image_prompts: deque[tuple[Callable[[], Any], Future]] = deque()
+        #: (segmenter, prepared image, cache, future) of images waiting for the encoder
+        self._image_embeds: deque[tuple[Any, Any, Any, Future]] = deque()
+        self._images_lock = threading.Lock()
+        self.image_batches = 0  # encoder calls made for images
+        self.images_embedded = 0  # images those calls took (cache hits included)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -534,6 +558,33 @@ class InferenceWorker:
         self._wake.set()
         return fut
 
+    def submit_image_prompt(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` (a prompt on an image embedding: decoder only) on the worker
+        thread ahead of this round's commands and encoder work; returns a Future."""
+        return self._queue_image(self._image_prompts, (fn,))
+
+    def submit_image_embed(self, segmenter: Any, image: Any, cache: Any = None) -> Future:
+        """Embed ``image`` (a ``tracker.segment.PreparedImage``) with ``segmenter``
+        on the worker thread, in one encoder batch with every other image pending
+        for the same segmenter; the Future's result is a ``tracker.segment.Embedded``
+        (looked up in ``cache`` first, on this thread, and put there)."""
+        return self._queue_image(self._image_embeds, (segmenter, image, cache))
+
+    def _queue_image(self, queue: deque, item: tuple) -> Future:
+        fut: Future = Future()
+        if self._stop.is_set():
+            fut.set_exception(SessionError("the inference worker has stopped"))
+            return fut
+        with self._images_lock:
+            queue.append((*item, fut))
+        self._wake.set()
+        return fut
+
+    def queued_images(self) -> tuple[int, int]:
+        """(image prompts, images to embed) not yet started."""
+        with self._images_lock:
+            return len(self._image_prompts), len(self._image_embeds)
+
     def queued_commands(self, session: TrackingSession | None = None) -> int:
         """Commands of ``session`` (None: of no session) not yet started."""
         with self._commands_lock:
@@ -549,12 +600,69 @@ class InferenceWorker:
             self._wake.wait(0.5)
             self._wake.clear()
             while not self._stop.is_set():
-                did = self._run_commands()
+                did = self._run_image_prompts()
+                did = self._run_commands() or did
+                did = self._run_image_batch() or did
                 did = self._step_frames() or did
                 if not did:
                     break
         while self._run_commands(drain=True):  # stopping: finish what was asked
             pass
+        with self._images_lock:
+            left = [item[-1] for item in (*self._image_prompts, *self._image_embeds)]
+            self._image_prompts.clear()
+            self._image_embeds.clear()
+        for fut in left:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(SessionError("the inference worker has stopped"))
+
+    def _run_image_prompts(self) -> bool:
+        """Up to ``image_prompts_per_step`` image prompts, oldest first. True if any ran."""
+        did = False
+        for _ in range(self.image_prompts_per_step):
+            with self._images_lock:
+                if not self._image_prompts:
+                    break
+                fn, fut = self._image_prompts.popleft()
+            did = True
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+        return did
+
+    def _run_image_batch(self) -> bool:
+        """One ``embed`` call for the images pending on the oldest one's segmenter
+        (at most ``max_image_batch``); the others wait for the next round."""
+        with self._images_lock:
+            if not self._image_embeds:
+                return False
+            segmenter, cache = self._image_embeds[0][0], self._image_embeds[0][2]
+            batch, rest = [], deque()
+            while self._image_embeds:
+                item = self._image_embeds.popleft()
+                if item[0] is segmenter and item[2] is cache and len(batch) < self.max_image_batch:
+                    batch.append(item)
+                else:
+                    rest.append(item)
+            self._image_embeds = rest
+        batch = [item for item in batch if item[3].set_running_or_notify_cancel()]
+        if not batch:
+            return True
+        self.image_batches += 1
+        self.images_embedded += len(batch)
+        try:
+            embedded = segmenter.embed([item[1] for item in batch], cache)
+        except BaseException as e:  # CUDA out of memory for one image alone: the caller's fallback
+            self._maybe_free_cuda(e)
+            for item in batch:
+                item[3].set_exception(e)
+            return True
+        for item, result in zip(batch, embedded):
+            item[3].set_result(result)
+        return True
 
     def _run_commands(self, drain: bool = False) -> bool:
         """One round: each owner's next commands, at most its ``prompts_per_step``
