@@ -32,14 +32,18 @@ Errors join the project's tree::
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -57,6 +61,12 @@ from server.protocol import (
     FrameMsg,
     Hello,
     ListReply,
+    ImageClose,
+    ImageCloseReply,
+    ImageOpen,
+    ImageOpenReply,
+    ImageSegment,
+    ImageSegmentReply,
     ListSessions,
     ObjectMsg,
     Open,
@@ -86,6 +96,7 @@ from server.protocol import (
     decode_reply,
     decode_server_message,
     encode,
+    split_binary,
 )
 from tracker.errors import TrackerError
 
@@ -370,6 +381,91 @@ class RemoteSession:
         return out
 
 
+@dataclass
+class ImageResult:
+    """The masks of one image prompt, best first: bool H x W arrays (None with
+    ``mask_format="none"``) and SAM's predicted IoU of each."""
+
+    masks: list[np.ndarray | None]
+    scores: list[float]
+    boxes: list[tuple[int, int, int, int] | None]
+    answer: int  # this image's answer number (``previous`` refers to the last one)
+    decode_s: float
+    embed_s: float  # > 0: the embedding had been evicted and was encoded again
+
+    @property
+    def best(self) -> np.ndarray | None:
+        return self.masks[0] if self.masks else None
+
+
+class RemoteImage:
+    """An image opened on the server (:meth:`Client.open_image`): prompt it many times."""
+
+    def __init__(self, client: Client, reply: ImageOpenReply) -> None:
+        self.client = client
+        self.image_id = reply.image_id
+        self.width, self.height = reply.width, reply.height
+        self.embed_s, self.cached = reply.embed_s, reply.cached
+        self.reply = reply
+
+    def __repr__(self) -> str:
+        return f"RemoteImage({self.image_id!r}, {self.width}x{self.height}, cached={self.cached})"
+
+    async def segment(
+        self,
+        *,
+        points: Sequence[Sequence[float]] | None = None,
+        labels: Sequence[int] | None = None,
+        box: Sequence[float] | None = None,
+        multimask: bool = False,
+        previous: int | None = None,
+        mask_format: str = "rle",
+    ) -> ImageResult:
+        """Masks for points (``labels`` 1 add / 0 subtract) and/or a box, in image
+        pixels; ``previous=k`` refines candidate ``k`` of the last answer."""
+        if points is not None and labels is None:
+            labels = [1] * len(points)
+        req = ImageSegment(
+            id=0,
+            image_id=self.image_id,
+            points_xy=None if points is None else [(float(x), float(y)) for x, y in points],
+            labels=None if labels is None else [int(v) for v in labels],  # type: ignore[misc]
+            box_xyxy=None if box is None else tuple(float(v) for v in box),  # type: ignore[arg-type]
+            multimask=multimask,
+            previous=previous,
+            mask_format=mask_format,  # type: ignore[arg-type]
+        )
+        reply, payload = await self.client.request_with_payload(req, ImageSegmentReply)
+        size = (reply.height, reply.width)
+        return ImageResult(
+            masks=[decode_mask(m.mask, payload, size) for m in reply.masks],
+            scores=[m.score for m in reply.masks],
+            boxes=[None if m.box_xyxy is None else tuple(m.box_xyxy) for m in reply.masks],  # type: ignore[misc]
+            answer=reply.answer,
+            decode_s=reply.decode_s,
+            embed_s=reply.embed_s,
+        )
+
+    async def close(self) -> None:
+        await self.client.request(ImageClose(id=0, image_id=self.image_id), ImageCloseReply)
+
+
+def image_file_bytes(image: str | os.PathLike | np.ndarray | bytes | bytearray) -> bytes:
+    """What :meth:`Client.open_image` uploads: a file's bytes as they are, or an
+    array (H x W [x 3|4], uint8/uint16/bool) as a lossless PNG."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, np.ndarray):
+        from PIL import Image
+
+        from tracker.image_input import rgb_from_array
+
+        buf = io.BytesIO()
+        Image.fromarray(rgb_from_array(image)).save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+    return Path(image).read_bytes()
+
+
 class Client:
     """A connection to a ``sam2-stream serve`` server; an async context manager.
 
@@ -409,6 +505,7 @@ class Client:
         self._reader: asyncio.Task | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, Request, type[Reply]]] = {}
+        self._payloads: dict[int, bytes] = {}  # binary replies' payloads, by request id
         self._sessions: dict[str, RemoteSession] = {}
         self._closed_reason = ""
 
@@ -486,6 +583,27 @@ class Client:
         finally:
             self._pending.pop(req_id, None)
 
+    async def request_with_payload(self, req: Request, reply_type: type[R]) -> tuple[R, bytes]:
+        """:meth:`request` for replies that may come as a binary message (PNG
+        masks): the reply and the bytes after its header (``b""`` for text)."""
+        if not self.connected:
+            raise ConnectionLostError(f"not connected to {self.url}")
+        assert self._ws is not None
+        req_id = next(self._ids)
+        req = msgspec.structs.replace(req, id=req_id)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = (future, req, reply_type)
+        self._payloads[req_id] = b""
+        try:
+            await self._ws.send(encode(req).decode())
+            reply = await asyncio.wait_for(future, self.request_timeout)
+            return reply, self._payloads.get(req_id, b"")
+        except ConnectionClosed as exc:
+            raise ConnectionLostError(f"connection to {self.url} closed: {exc}") from None
+        finally:
+            self._pending.pop(req_id, None)
+            self._payloads.pop(req_id, None)
+
     async def open(
         self,
         source: str,
@@ -529,6 +647,22 @@ class Client:
     async def list_sessions(self) -> list[SessionInfo]:
         return (await self.request(ListSessions(id=0), ListReply)).sessions
 
+    async def open_image(
+        self, image: str | os.PathLike | np.ndarray | bytes | None = None, *, name: str | None = None
+    ) -> RemoteImage:
+        """Upload an image (a local path, an array, or a file's bytes) or open one
+        of the server's image folders by ``name``; its embedding is computed once
+        (or found in the server's cache) and :meth:`RemoteImage.segment` prompts it."""
+        if (image is None) == (name is None):
+            raise ValueError("open_image takes an image (path, array or bytes) or name=, not both")
+        if name is not None:
+            req = ImageOpen(id=0, name=name)
+        else:
+            assert image is not None
+            data = await asyncio.get_running_loop().run_in_executor(None, image_file_bytes, image)
+            req = ImageOpen(id=0, data=base64.b64encode(data).decode("ascii"))
+        return RemoteImage(self, await self.request(req, ImageOpenReply))
+
     async def stats(self, session_id: str | None = None) -> StatsReply:
         return await self.request(Stats(id=0, session_id=session_id), StatsReply)
 
@@ -561,6 +695,10 @@ class Client:
         if entry is None:
             return
         future, req, reply_type = entry
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            data, payload = split_binary(bytes(data))
+            if req_id in self._payloads:
+                self._payloads[req_id] = payload
         try:
             reply = decode_reply(data, reply_type)
         except ProtocolError as exc:
@@ -693,6 +831,23 @@ class SyncSession:
         return self._client._call(self.session.drain_events)
 
 
+class SyncImage:
+    """:class:`RemoteImage` for synchronous code; same methods, blocking."""
+
+    def __init__(self, client: SyncClient, image: RemoteImage) -> None:
+        self._client = client
+        self.image = image
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.image, name)
+
+    def segment(self, **kw: Any) -> ImageResult:
+        return self._client._run(self.image.segment(**kw))
+
+    def close(self) -> None:
+        self._client._run(self.image.close())
+
+
 class SyncClient:
     """:class:`Client` for synchronous code: the connection lives on an event
     loop in a daemon thread; every method blocks until its reply.
@@ -741,6 +896,9 @@ class SyncClient:
 
     def stats(self, session_id: str | None = None) -> StatsReply:
         return self._run(self.client.stats(session_id))
+
+    def open_image(self, image: Any = None, *, name: str | None = None) -> SyncImage:
+        return SyncImage(self, self._run(self.client.open_image(image, name=name)))
 
     def close(self) -> None:
         if self._loop.is_closed():

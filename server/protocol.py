@@ -964,6 +964,12 @@ def decode_server_message(data: str | bytes) -> tuple[Hello | ErrorMsg | FrameMs
         raise ProtocolError("invalid_message", f"cannot read a server message: {exc}") from None
 
 
+def split_binary(data: bytes) -> tuple[bytes, bytes]:
+    """A binary message's JSON header and the payload after it."""
+    (n,) = struct.unpack_from(">I", data, 4)
+    return data[8: 8 + n], data[8 + n:]
+
+
 def decode_reply(data: str | bytes, reply_type: type[Reply]) -> Reply:
     try:
         return msgspec.json.decode(data, type=reply_type)
