@@ -273,7 +273,11 @@ class ImageService:
             return embedded, self.segmenter, self.worker
         except torch.cuda.OutOfMemoryError:
             if not self.config.model.cpu_fallback:
-                raise
+                raise ProtocolError(
+                    "error",
+                    "out of CUDA memory while encoding the image; retry later, send a smaller image, "
+                    "or run the server with cpu_fallback",
+                ) from None
         segmenter, worker = await self._run_blocking(self._cpu_fallback)
         prepared_cpu = await self._run_blocking(_same_pixels, prepared)
         embedded = await self._wait(worker.submit_image_embed(segmenter, prepared_cpu, self.cache))

@@ -635,7 +635,9 @@ class InferenceWorker:
 
     def _run_image_batch(self) -> bool:
         """One ``embed`` call for the images pending on the oldest one's segmenter
-        (at most ``max_image_batch``); the others wait for the next round."""
+        (at most ``max_image_batch``); the others wait for the next round.
+        Image prompts that came meanwhile go first: they are milliseconds."""
+        self._run_image_prompts()
         with self._images_lock:
             if not self._image_embeds:
                 return False
