@@ -16,7 +16,8 @@ and a content security policy that lets the page load nothing from
 elsewhere. What does not: the WebSocket protocol (``server.app``), the page
 itself (``server/static/``: ``index.html``, ``app.js``, ``connection.js``,
 ``webrtc.js``, ``overlay.js``, ``rle.js``, ``speed.js`` (the model's pace
-against the video's), ``style.css``).
+against the video's), ``image.js`` (image mode: one picture prompted many
+times), ``imagemask.js`` (its PNG and COCO RLE downloads), ``style.css``).
 
 ``sam2-stream serve`` serves it (``--no-page`` to leave it out); in code::
 

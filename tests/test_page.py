@@ -6,7 +6,10 @@ then a real server with ``routes=page_routes()`` answers raw HTTP requests
 library): content types, security headers, 404s, traversal refused, the page
 public while its WebSocket needs the token. The page's COCO RLE decoder
 (``static/rle.js``) is checked against pycocotools under Node.js when it is
-installed; tests/test_browser.py runs the page itself in Chromium. Last,
+installed, and so are image mode's PNG / COCO RLE downloads
+(``static/imagemask.js``, against Pillow, zlib and pycocotools);
+tests/test_browser.py and tests/test_browser_image.py run the page itself in
+Chromium. Last,
 ``sam2-stream serve`` serves the page, and leaves it out with ``--no-page``.
 """
 
@@ -336,6 +339,88 @@ def test_speed_js_says_when_the_model_is_slower_than_the_video_and_what_would_he
     assert got["a_slow_source"]["notice"] == ""  # the model waits for the source, not the other way round
     assert got["unknown_rate"] == {"model": pytest.approx(1 / 3), "video": None, "notice": ""}
     assert got["no_frames"] == {"model": None, "video": 25, "notice": ""}
+
+
+# ---------------------------------------------------------------- image mode's downloads and prompts
+
+
+def run_imagemask_js(cases: dict) -> dict:
+    """``static/imagemask.js`` under Node.js: PNG bytes (base64) of masks, COCO RLE objects, prompt fields."""
+    script = """
+      const src = require('fs').readFileSync(process.argv[1], 'utf8');
+      import('data:text/javascript,' + encodeURIComponent(src)).then((im) => {
+        const c = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+        const err = (f) => { try { f(); return null; } catch (e) { return e.message; } };
+        process.stdout.write(JSON.stringify({
+          pngs: c.masks.map((m) => Buffer.from(im.encodeMaskPng(Uint8Array.from(m.bits), m.w, m.h)).toString('base64')),
+          rles: c.candidates.map((cand) => im.cocoRle(cand)),
+          fields: c.prompts.map((p) => im.segmentFields('im1', p.prompts, p.options)),
+          base64: im.toBase64(Uint8Array.from(c.bytes)),
+          crc: im.crc32(Buffer.from('IEND')),
+          adler: im.adler32(Buffer.from('Wikipedia')),
+          errors: [err(() => im.encodeMaskPng(new Uint8Array(5), 2, 2)),
+                   err(() => im.segmentFields('im1', {points: [], labels: [], box: null}, {multimask: true, previous: null})),
+                   err(() => im.cocoRle({score: 1, mask: {format: 'png'}}))],
+        }));
+      });
+    """
+    out = subprocess.run(
+        [NODE, "-e", script, str(STATIC_DIR / "imagemask.js")], input=json.dumps(cases), capture_output=True, text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
+@pytest.mark.skipif(NODE is None, reason="no Node.js to run static/imagemask.js (tests/test_browser_image.py runs it in Chromium)")
+def test_imagemask_js_png_and_coco_rle_round_trip_and_prompt_fields():
+    import base64
+    import io
+    import zlib
+
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    big = np.zeros((300, 400), bool)  # 300 x 401 bytes of rows: several stored deflate blocks
+    big[20:280, 50:390] = True
+    masks = [np.zeros((1, 1), bool), np.ones((3, 7), bool), rng.random((37, 53)) > 0.5, big]
+    candidates = [
+        {"score": 0.9, "area": int(m.sum()), "box_xyxy": [1, 2, 5, 9], "mask": {"format": "rle", **encode_rle(m)}}
+        for m in masks
+    ]
+    prompts = [
+        {"prompts": {"points": [[3, 4], [10, 2]], "labels": [1, 0], "box": None}, "options": {"multimask": True, "previous": None}},
+        {"prompts": {"points": [], "labels": [], "box": [1, 2, 30, 40]}, "options": {"multimask": False, "previous": 2}},
+        {"prompts": {"points": [[5, 6]], "labels": [1], "box": [0, 0, 9, 9]}, "options": {"multimask": True, "previous": 0}},
+    ]
+    raw = bytes(range(256)) * 3 + b"\x00\xff"
+    got = run_imagemask_js(
+        {"masks": [{"bits": m.astype(int).ravel().tolist(), "w": m.shape[1], "h": m.shape[0]} for m in masks],
+         "candidates": candidates, "prompts": prompts, "bytes": list(raw)}
+    )
+    for m, png in zip(masks, got["pngs"]):
+        image = Image.open(io.BytesIO(base64.b64decode(png)))
+        image.load()  # checks every chunk's CRC and the zlib stream's Adler-32
+        assert image.mode == "L" and image.size == (m.shape[1], m.shape[0])
+        np.testing.assert_array_equal(np.asarray(image), m.astype(np.uint8) * 255)
+    for m, cand, rle in zip(masks, candidates, got["rles"]):
+        assert rle["size"] == list(m.shape) and rle["counts"] == cand["mask"]["counts"]
+        np.testing.assert_array_equal(mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode()}) > 0, m)
+        assert rle["score"] == 0.9 and rle["area"] == m.sum() and rle["bbox"] == [1, 2, 5, 8]  # COCO x, y, w, h
+    assert got["fields"] == [
+        {"image_id": "im1", "multimask": True, "mask_format": "rle", "points_xy": [[3, 4], [10, 2]], "labels": [1, 0]},
+        {"image_id": "im1", "multimask": False, "mask_format": "rle", "box_xyxy": [1, 2, 30, 40], "previous": 2},
+        {"image_id": "im1", "multimask": True, "mask_format": "rle", "points_xy": [[5, 6]], "labels": [1],
+         "box_xyxy": [0, 0, 9, 9], "previous": 0},
+    ]
+    assert base64.b64decode(got["base64"]) == raw
+    assert got["crc"] == zlib.crc32(b"IEND") and got["adler"] == zlib.adler32(b"Wikipedia")
+    assert got["errors"] == [
+        "the mask has 5 pixels, 2 x 2 needs 4",
+        "click on the image or drag a box first",
+        "the candidate has no RLE mask",
+    ]
 
 
 # ---------------------------------------------------------------- sam2-stream serve

@@ -16,9 +16,14 @@
 // When the model runs slower than the video, a notice under the video says so,
 // with both rates and what would help (speed.js).
 //
+// Image mode (image.js, the header's "Image" button) segments one picture on
+// the same connection; switching modes keeps the session on screen and the
+// image open, nothing reloads.
+//
 // window.sam2stream is the page's state, for the console and the tests.
 
 import { Connection, explainRefusal, tokenFromFragment, wsUrl } from "./connection.js";
+import { initImageMode } from "./image.js";
 import { drawMarks, drawMasks, pickFrame } from "./overlay.js";
 import { objectCss } from "./rle.js";
 import { formatFps, modelFps, slowNotice } from "./speed.js";
@@ -52,8 +57,11 @@ const state = {
   skewS: Infinity, // min over frames of (browser clock - sent_s); negative: the browser clock is behind
   rvfc: "requestVideoFrameCallback" in HTMLVideoElement.prototype,
   lastStats: 0,
+  mode: "live", // or "image"
+  image: null, // image mode's state (image.js)
 };
 window.sam2stream = state;
+let imageMode = null;
 
 // ------------------------------------------------------------------ status and messages
 
@@ -127,6 +135,7 @@ function connect() {
       $("model").hidden = models.length < 2;
       updateControls();
       refreshSessions();
+      imageMode.onConnected();
     },
     onFrame,
     onEvent,
@@ -135,6 +144,7 @@ function connect() {
       state.conn = null;
       state.hello = null;
       leaveSession();
+      imageMode.onDisconnected();
       updateControls();
       setConnStatus("not connected", "disconnected");
       if (message) showMessage(message);
@@ -152,6 +162,7 @@ function disconnect() {
   }
   state.hello = null;
   leaveSession();
+  if (imageMode) imageMode.onDisconnected();
   updateControls();
 }
 
@@ -606,6 +617,20 @@ async function prompt({ point, box, negative = false, frame }) {
   redraw(true, state.shown);
 }
 
+// ------------------------------------------------------------------ modes
+
+/** Show live video (``"live"``) or image mode (``"image"``); the other keeps running unseen. */
+function setMode(mode) {
+  state.mode = mode;
+  $("live-mode").hidden = mode !== "live";
+  $("image-mode").hidden = mode !== "image";
+  $("mode-live").setAttribute("aria-pressed", String(mode === "live"));
+  $("mode-image").setAttribute("aria-pressed", String(mode === "image"));
+  if (mode === "image" && state.hello && !features().includes("images")) {
+    showMessage("This server does not serve image mode ([images] enabled is off).", "info");
+  }
+}
+
 // ------------------------------------------------------------------ wiring
 
 function init() {
@@ -620,6 +645,10 @@ function init() {
   $("new-object").onclick = () => select(null);
   $("close-session").onclick = () => act(closeSession);
   $("server-masks").onchange = () => act(toggleServerMasks);
+  $("mode-live").onclick = () => setMode("live");
+  $("mode-image").onclick = () => setMode("image");
+  imageMode = initImageMode({ request, act, features });
+  state.image = imageMode.state;
   const marks = $("marks");
   marks.addEventListener("pointerdown", onPointerDown);
   marks.addEventListener("pointermove", onPointerMove);
