@@ -241,7 +241,7 @@ def test_a_robot_publishes_over_webrtc_and_a_viewer_gets_the_video(model):
 
         async def main() -> None:
             async with Client(st.url) as c:
-                assert c.hello is not None and c.hello.features == ["webrtc_publish", "webrtc_view"]
+                assert c.hello is not None and c.hello.features == ["webrtc_publish", "webrtc_view", "images"]
                 with pytest.raises(RemoteError) as err:
                     await c.publish_webrtc({"sdp": "hello", "type": "offer"}, name="bad")
                 assert (err.value.code, err.value.field) == ("webrtc_error", "offer")
