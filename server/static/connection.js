@@ -111,6 +111,7 @@ export class Connection {
         } else {
           const err = new Error(msg.message);
           err.code = msg.code;
+          err.field = msg.field || null;
           p.reject(err);
         }
         return;

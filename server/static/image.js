@@ -26,6 +26,12 @@ const THUMB_W = 64;
 
 const $ = (id) => document.getElementById(id);
 
+/** A server error as the operator reads it: its message, then its code and the field it names. */
+function withCode(e) {
+  if (!e.code) return e;
+  return new Error(`${e.message} (${e.code}${e.field ? `, field ${e.field}` : ""})`);
+}
+
 /**
  * Wire the image mode's elements. ``page``: request(type, fields) → reply
  * promise, act(fn) (runs an operator action, showing its error),
@@ -244,7 +250,7 @@ export function initImageMode(page) {
         drawPicture();
         redraw();
       }
-      throw e;
+      throw withCode(e);
     } finally {
       render();
     }
@@ -273,7 +279,7 @@ export function initImageMode(page) {
       state.chosen = 0;
     } catch (e) {
       undo();
-      throw e.code ? new Error(`${e.message} (${e.code})`) : e;
+      throw withCode(e);
     } finally {
       state.busy = false;
       redraw();
