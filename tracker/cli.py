@@ -301,6 +301,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         (stats.forward_frames + stats.backward_frames) / stats.seconds if stats.seconds else 0.0,
         f", resumed after frame {stats.resumed_from}" if stats.resumed_from is not None else "",
     )
+    # the run's speed beside its outputs, for `sam2-stream eval` (a resumed run: the rate of its own part)
+    from tracker.evaluate import write_run_summary
+
+    write_run_summary(
+        out_dir, name, frames=stats.forward_frames + stats.backward_frames, seconds=stats.seconds, model=args.model
+    )
     return 0
 
 
@@ -432,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="folder for PNG masks (default: RLE in the JSON output)")
     add_model_args(g)
     g.set_defaults(func=cmd_segment)
+    from tracker.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

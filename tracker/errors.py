@@ -21,7 +21,8 @@ serving everyone else::
         └── SourceOptionError         a source option outside its range (names the option)
 
 Defined next to their users, on the same root: ``tracker.session.SessionError``
-(session limits, closed or unknown sessions) and, in the ``server`` package
+(session limits, closed or unknown sessions), ``tracker.evaluate.EvalError``
+(a run or ground truth that cannot be scored) and, in the ``server`` package
 (which ``tracker`` never imports), ``ProtocolError``, ``ConfigError``,
 ``WebRTCError`` and the client's ``ClientError`` → ``RemoteError`` /
 ``ConnectionLostError``.
