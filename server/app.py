@@ -165,6 +165,7 @@ class TrackingServer:
         self.worker: InferenceWorker
         self.manager: SessionManager
         self.images: ImageService | None = None
+        self.images_http: Any = None  # server.images_http.ImagesHttp where [images] http_port is set
         self.encoder_pool: ThreadPoolExecutor
         self._blocking_pool: ThreadPoolExecutor
         self._open_pool: ThreadPoolExecutor
@@ -243,6 +244,16 @@ class TrackingServer:
             self.worker.stop()
             raise
         self.port = self._ws.sockets[0].getsockname()[1]
+        if self.images is not None and cfg.images.http_port is not None:
+            from server.images_http import ImagesHttp
+
+            self.images_http = ImagesHttp(self)
+            try:
+                await self.images_http.start(s.host, cfg.images.http_port, self._ssl)
+            except BaseException:
+                self._ws.close()
+                self.worker.stop()
+                raise
         self.started_s = time.time()
         self.spawn(self._housekeeping())
         logger.info(
@@ -264,6 +275,8 @@ class TrackingServer:
         if self.closing:
             return
         self.closing = True
+        if self.images_http is not None:
+            await self.images_http.stop()
         sessions = self.manager.list()
         logger.info("shutting down: closing %d session(s), %d client(s)", len(sessions), len(self.clients))
         await self.run_blocking(self.manager.close_all)

@@ -223,6 +223,12 @@ class ImagesSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     open_burst: Annotated[int, msgspec.Meta(ge=1)] = 10
     #: images pending at once that share one image-encoder call
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    #: plain-HTTP image API (POST /v1/images, …) on this port of ``[server] host``
+    #: (0: any free port); None: off. websockets' handshake takes no request bodies,
+    #: so it cannot share the WebSocket port
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    #: images open over HTTP, all HTTP clients together; beyond it the oldest is closed
+    http_max_open: Annotated[int, msgspec.Meta(ge=1)] = 64
 
 
 class SourceEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -148,15 +148,26 @@ class ImageService:
     def count_open(self, client_id: int) -> int:
         return sum(1 for im in self._images.values() if im.client_id == client_id)
 
-    async def open(self, client_id: int, *, data: str | None = None, name: str | None = None) -> Opened:
-        """Decode, embed (or find in the cache) and keep one image for ``client_id``."""
+    async def open(
+        self,
+        client_id: int,
+        *,
+        data: str | None = None,
+        name: str | None = None,
+        raw: bytes | None = None,
+        field: str = "data",
+    ) -> Opened:
+        """Decode, embed (or find in the cache) and keep one image for ``client_id``:
+        ``data`` in base64, a ``name`` in the image folders, or the file's ``raw`` bytes."""
         limit = self.settings.max_open_per_client
-        if self.count_open(client_id) >= limit:
+        if client_id >= 0 and self.count_open(client_id) >= limit:
             raise ProtocolError(
                 "limit_exceeded",
                 f"this connection already has {limit} images open (max_open_per_client); image_close one first",
             )
-        if data is not None:
+        if raw is not None:
+            field_name = field
+        elif data is not None:
             field_name, raw = "data", await self._run_blocking(self._from_base64, data)
         else:
             assert name is not None
@@ -180,6 +191,10 @@ class ImageService:
     def close(self, client_id: int, image_id: str) -> None:
         self._get(client_id, image_id)
         del self._images[image_id]
+
+    def oldest(self, client_id: int) -> str | None:
+        """The image ``client_id`` opened first and still has open."""
+        return next((k for k, im in self._images.items() if im.client_id == client_id), None)
 
     def close_client(self, client_id: int) -> None:
         """Forget every image of a connection that ended (the cache keeps their embeddings)."""

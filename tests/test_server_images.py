@@ -566,3 +566,68 @@ def test_sync_client_with_a_path(server, image, meta, tmp_path):
         refined = im.segment(points=PROMPTS[0]["points_xy"], labels=[1], previous=0)
         assert refined.answer == 2
         im.close()
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def http(method: str, url: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=body if method != "GET" else None, method=method, headers=headers or {})
+    try:
+        with opener.open(request, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_http_open_segment_delete_equal_meta(model, image, meta):
+    import json
+
+    token = {"Authorization": "Bearer s3cret"}
+    config = make_config(sources={}, server={"token": "s3cret"}, images={"http_port": 0})
+    with running(model, config) as st:
+        base = f"http://127.0.0.1:{st.server.images_http.port}/v1/images"
+        assert http("POST", base, png(image))[0] == 401  # same token rule as the WebSocket
+        status, body = http("POST", base, png(image), token)
+        assert status == 200, body
+        opened = json.loads(body)
+        assert (opened["width"], opened["height"], opened["cached"]) == (W, H, False)
+        seg_url = f"{base}/{opened['image_id']}/segment"
+        status, body = http("POST", seg_url, json.dumps(dict(multimask=True, **PROMPTS[0])).encode(), token)
+        assert status == 200, body
+        reply = json.loads(body)
+        assert_same(reply, meta_predict(meta, PROMPTS[0], True), True)
+        # chained, over HTTP too
+        status, body = http("POST", seg_url, json.dumps(dict(previous=0, **PROMPTS[0])).encode(), token)
+        assert status == 200 and json.loads(body)["answer"] == 2
+        # errors: typed, with an HTTP status
+        status, body = http("POST", seg_url, json.dumps({"points_xy": [[999, 1]], "labels": [1]}).encode(), token)
+        assert status == 400 and json.loads(body)["field"] == "points_xy[0]"
+        status, body = http("POST", base, b"not an image", token)
+        assert status == 400 and json.loads(body)["error"] == "invalid_image"
+        status, body = http("POST", base, png_header(60000, 60000), token)
+        assert status == 413 and json.loads(body)["error"] == "image_too_large"
+        status, body = http("POST", seg_url, b"{not json", token)
+        assert status == 400 and json.loads(body)["error"] == "invalid_json"
+        assert http("GET", base, headers=token)[0] == 405
+        assert http("DELETE", f"{base}/{opened['image_id']}", headers=token) == (
+            200, json.dumps({"image_id": opened["image_id"], "closed": True}).encode()
+        )
+        status, body = http("POST", seg_url, json.dumps(PROMPTS[0]).encode(), token)
+        assert status == 404 and json.loads(body)["error"] == "unknown_image"
+        # the WebSocket shares the cache: the same pixels are a hit there
+        raw = Raw(st.url + "?token=s3cret")
+        assert raw.request("image_open", data=b64(png(image)))["cached"] is True
+
+
+def test_http_origin_rule(model, image):
+    config = make_config(sources={}, server={"allow_origins": ["https://ok.example"]}, images={"http_port": 0})
+    with running(model, config) as st:
+        base = f"http://127.0.0.1:{st.server.images_http.port}/v1/images"
+        assert http("POST", base, png(image), {"Origin": "https://evil.example"})[0] == 403
+        assert http("POST", base, png(image), {"Origin": "https://ok.example"})[0] == 200
+        assert http("POST", base, png(image))[0] == 200  # scripts send no Origin
