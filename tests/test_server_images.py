@@ -503,6 +503,57 @@ def test_concurrent_uploads_share_one_encoder_batch(model, monkeypatch):
         worker.stop()
 
 
+def test_a_live_session_steps_between_image_batches(model):
+    """Uploads queued while a live camera always has a frame waiting: the worker
+    never runs two image batches without a frame step between them."""
+    log: list[str] = []
+    with running(model, make_config(images={"max_batch": 1, "max_open_per_client": 8})) as st:
+        worker = st.server.worker
+        step, batch = worker._step_frames, worker._run_image_batch
+
+        def logged_step() -> bool:
+            did = step()
+            if did:
+                log.append("frame")
+            return did
+
+        def logged_batch() -> bool:
+            did = batch()
+            if did:
+                log.append("images")
+            return did
+
+        worker._step_frames, worker._run_image_batch = logged_step, logged_batch
+        viewer = Raw(st.url)
+        sid = viewer.request("open", source="cam")["session"]["session_id"]
+        source = st.server.manager.get(sid).source
+        stop = threading.Event()
+
+        def camera() -> None:
+            k = 0
+            while not stop.wait(0.01):  # faster than the model: a frame always waits
+                source.push(moving_shapes(1, H, W, seed=k % 5)[0], pts_s=k / 100)
+                k += 1
+
+        feeder = threading.Thread(target=camera, daemon=True)
+        feeder.start()
+        try:
+            viewer.next_frame()
+
+            async def uploads() -> None:
+                async with Client(st.url) as c:
+                    await asyncio.gather(*(c.open_image(moving_shapes(1, 40, 50, seed=50 + k)[0]) for k in range(4)))
+
+            asyncio.run(uploads())
+        finally:
+            stop.set()
+            feeder.join(5)
+    batches = [i for i, what in enumerate(log) if what == "images"]
+    assert len(batches) == 4  # max_batch 1: one image per batch
+    for a, b in zip(batches, batches[1:]):
+        assert "frame" in log[a + 1 : b], log
+
+
 def test_out_of_memory_for_an_image_falls_back_to_the_cpu(model, image, monkeypatch):
     """CUDA OOM while encoding an upload (injected): with cpu_fallback the image
     is encoded by a CPU copy of the model and its answers equal the model's."""
