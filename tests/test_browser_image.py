@@ -21,6 +21,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +96,11 @@ def image_xy(page: Any, x: float, y: float) -> tuple[float, float]:
     return box["x"] + (x + 0.5) * box["width"] / width, box["y"] + (y + 0.5) * box["height"] / height
 
 
-def overlay_mask(page: Any) -> np.ndarray:
+def overlay_mask(page: Any, shape: tuple[int, int] = (H, W)) -> np.ndarray:
+    """The drawn pixels of #image-masks, whose size must be ``shape`` (the image's, h x w)."""
     got = page.evaluate(IMAGE_OVERLAY)
-    assert (got["height"], got["width"]) == (H, W)
-    return np.frombuffer(got["bits"].encode(), np.uint8).reshape(H, W) == ord("1")
+    assert (got["height"], got["width"]) == shape
+    return np.frombuffer(got["bits"].encode(), np.uint8).reshape(shape) == ord("1")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -105,8 +108,40 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def exchange(watch: Watch, type: str, n: int) -> tuple[dict, dict]:
-    """The page's ``n``-th ``type`` request (1-based) and its answer."""
+class ConnWatch(Watch):
+    """:class:`tests.test_browser.Watch` telling the page's WebSockets apart
+    (``_conn``: 1, 2, … in order of opening): request ids start again on each."""
+
+    def _on_websocket(self, ws: Any) -> None:
+        self._conns = conn = getattr(self, "_conns", 0) + 1
+
+        def sent(payload: Any) -> None:
+            if isinstance(payload, str):
+                self.sent.append({**json.loads(payload), "_conn": conn})
+
+        def received(payload: Any) -> None:
+            if isinstance(payload, str) and (msg := json.loads(payload))["type"] != "frame":
+                self.received.append({**msg, "_conn": conn})
+
+        ws.on("framesent", sent)
+        ws.on("framereceived", received)
+
+    def answer(self, request: dict) -> dict | None:
+        return next(
+            (m for m in self.received
+             if m["_conn"] == request["_conn"] and m.get("id") == request["id"] and m["type"] in ("reply", "error")),
+            None,
+        )
+
+
+@contextmanager
+def operator_page(browser: Any) -> Iterator[tuple[Any, ConnWatch]]:
+    with chromium(browser) as (page, _):
+        yield page, ConnWatch(page)
+
+
+def exchange(watch: ConnWatch, type: str, n: int) -> tuple[dict, dict]:
+    """The page's ``n``-th ``type`` request (1-based, over all its connections) and its answer."""
     sent = watch.requests(type)[n - 1]
     answer = watch.answer(sent)
     assert answer is not None, f"no answer to {sent}"
@@ -142,7 +177,7 @@ def test_operator_segments_an_image_refines_it_and_downloads_the_mask(model, bro
     path.write_bytes(data)
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"these are notes, not a picture\n")
-    with page_server(model, make_config()) as st, chromium(browser) as (page, watch), SyncClient(st.url) as client:
+    with page_server(model, make_config()) as st, operator_page(browser) as (page, watch), SyncClient(st.url) as client:
         page.goto(http_base(st))
         wait_for(page, "() => window.sam2stream.hello !== null", "the server's hello")
         assert page.is_visible("#live-mode") and not page.is_visible("#image-mode")
@@ -257,4 +292,62 @@ def test_operator_segments_an_image_refines_it_and_downloads_the_mask(model, bro
         sent, again = exchange(watch, "image_segment", 4)
         assert again["type"] == "reply" and sent["points_xy"] == [[150, 75]] and "previous" not in sent
         assert page.evaluate("() => document.getElementById('message').hidden")
+        assert watch.errors == [], watch.errors
+
+
+def test_an_exif_rotated_photo_is_shown_upright_and_reopened_after_a_reconnect(model, browser, tmp_path):
+    """A JPEG stored 200 x 150 whose EXIF says "rotate 90° clockwise": the server
+    and the page both use the upright 150 x 200 picture, so a click lands on
+    the upright pixel. Connect again (the server forgot the image with the old
+    connection): the page opens the file again (cached) and the next prompt
+    starts afresh, without ``previous``."""
+    stored = picture()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the picture was taken rotated: display it turned 90° clockwise
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif)
+    data = buf.getvalue()
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(data)
+    upright = np.rot90(stored, k=-1)  # 200 x 150: the disc's centre (60, 70) stored is at (79, 60) upright
+    uh, uw = upright.shape[:2]
+    with page_server(model, make_config()) as st, operator_page(browser) as (page, watch), SyncClient(st.url) as client:
+        page.goto(http_base(st))
+        wait_for(page, "() => window.sam2stream.hello !== null", "the server's hello")
+        page.click("#mode-image")
+        page.set_input_files("#image-file", str(path))
+        wait_for(page, "() => window.sam2stream.image.imageId", "the image_open reply")
+        opened = exchange(watch, "image_open", 1)[1]
+        assert (opened["width"], opened["height"], opened["exif_orientation"]) == (uw, uh, 6)
+        shown = page.evaluate(
+            "() => { const c = document.getElementById('image-pixels');"
+            " return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]; }"
+        )
+        assert shown[:2] == [uw, uh]
+        rgb = np.asarray(shown[2], np.uint8).reshape(uh, uw, 4)[..., :3]
+        assert np.abs(rgb.astype(int) - upright.astype(int)).mean() < 6, "the picture on the page is not the upright photo"
+
+        page.mouse.click(*image_xy(page, 79, 60))
+        wait_for(page, ANSWERS, "the first answer", arg=1)
+        sent, reply = exchange(watch, "image_segment", 1)
+        assert reply["type"] == "reply" and sent["points_xy"] == [[79, 60]]
+        assert all(m["mask"]["size"] == [uh, uw] for m in reply["masks"])
+        same = client.open_image(data).segment(points=[[79, 60]], labels=[1], multimask=True)
+        for got, want in zip(masks_of(reply), same.masks):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(overlay_mask(page, (uh, uw)), masks_of(reply)[0])
+        screenshot(page, "image-mode-upright")
+
+        page.click("#connect")  # a new connection: the server closed the old one's images
+        wait_for(page, "() => window.sam2stream.image.imageId && window.sam2stream.image.opened", "the image opened again")
+        sent, reopened = exchange(watch, "image_open", 2)
+        assert base64.b64decode(sent["data"]) == data and reopened["cached"] is True
+        assert reopened["image_id"] != opened["image_id"]
+        page.mouse.click(*image_xy(page, 100, 150))
+        wait_for(page, "() => { const s = window.sam2stream.image; return s.answer && s.answer.image_id === s.imageId && !s.busy; }",
+                 "an answer on the reopened image")
+        sent, again = exchange(watch, "image_segment", 2)
+        assert again["type"] == "reply", again
+        assert sent["image_id"] == reopened["image_id"] and "previous" not in sent
+        assert sent["points_xy"] == [[79, 60], [100, 150]] and sent["labels"] == [1, 1]  # the prompts so far, kept
         assert watch.errors == [], watch.errors

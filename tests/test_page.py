@@ -358,6 +358,7 @@ def run_imagemask_js(cases: dict) -> dict:
           base64: im.toBase64(Uint8Array.from(c.bytes)),
           crc: im.crc32(Buffer.from('IEND')),
           adler: im.adler32(Buffer.from('Wikipedia')),
+          tooLarge: c.sizes.map(([size, hello]) => im.fileTooLarge(size, hello)),
           errors: [err(() => im.encodeMaskPng(new Uint8Array(5), 2, 2)),
                    err(() => im.segmentFields('im1', {points: [], labels: [], box: null}, {multimask: true, previous: null})),
                    err(() => im.cocoRle({score: 1, mask: {format: 'png'}}))],
@@ -397,7 +398,9 @@ def test_imagemask_js_png_and_coco_rle_round_trip_and_prompt_fields():
     raw = bytes(range(256)) * 3 + b"\x00\xff"
     got = run_imagemask_js(
         {"masks": [{"bits": m.astype(int).ravel().tolist(), "w": m.shape[1], "h": m.shape[0]} for m in masks],
-         "candidates": candidates, "prompts": prompts, "bytes": list(raw)}
+         "candidates": candidates, "prompts": prompts, "bytes": list(raw),
+         "sizes": [[16 * 2**20, {"limits": {}}], [16 * 2**20 + 1, {"limits": {}}], [16 * 2**20 + 1, None],
+                   [3 * 2**20, {"limits": {"image_max_bytes": 2**20}}], [2**20, {"limits": {"image_max_bytes": 2**20}}]]}
     )
     for m, png in zip(masks, got["pngs"]):
         image = Image.open(io.BytesIO(base64.b64decode(png)))
@@ -416,6 +419,10 @@ def test_imagemask_js_png_and_coco_rle_round_trip_and_prompt_fields():
     ]
     assert base64.b64decode(got["base64"]) == raw
     assert got["crc"] == zlib.crc32(b"IEND") and got["adler"] == zlib.adler32(b"Wikipedia")
+    too_large = "the file has 16.0 MiB; this server takes images up to 16.0 MiB ([images] max_bytes)"
+    assert got["tooLarge"] == [
+        "", too_large, too_large, "the file has 3.0 MiB; this server takes images up to 1.0 MiB ([images] max_bytes)", "",
+    ]
     assert got["errors"] == [
         "the mask has 5 pixels, 2 x 2 needs 4",
         "click on the image or drag a box first",

@@ -647,7 +647,7 @@ function init() {
   $("server-masks").onchange = () => act(toggleServerMasks);
   $("mode-live").onclick = () => setMode("live");
   $("mode-image").onclick = () => setMode("image");
-  imageMode = initImageMode({ request, act, features });
+  imageMode = initImageMode({ request, act, features, hello: () => state.hello });
   state.image = imageMode.state;
   const marks = $("marks");
   marks.addEventListener("pointerdown", onPointerDown);

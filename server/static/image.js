@@ -16,7 +16,7 @@
 //
 // window.sam2stream.image is this mode's state, for the console and the tests.
 
-import { cocoRle, encodeMaskPng, segmentFields, toBase64 } from "./imagemask.js";
+import { cocoRle, encodeMaskPng, fileTooLarge, segmentFields, toBase64 } from "./imagemask.js";
 import { MASK_ALPHA } from "./overlay.js";
 import { decodeMask, objectColour, paintMask } from "./rle.js";
 
@@ -35,7 +35,7 @@ function withCode(e) {
 /**
  * Wire the image mode's elements. ``page``: request(type, fields) → reply
  * promise, act(fn) (runs an operator action, showing its error),
- * features() (the hello's features). Returns {state, onConnected, onDisconnected}.
+ * features() (the hello's features), hello() (the hello, or null). Returns {state, onConnected, onDisconnected}.
  */
 export function initImageMode(page) {
   const state = {
@@ -225,6 +225,8 @@ export function initImageMode(page) {
   /** Show ``file`` and open it on the server, forgetting the previous image. */
   async function load(file) {
     if (!file) return;
+    const tooLarge = fileTooLarge(file.size, page.hello());
+    if (tooLarge) throw new Error(`${file.name}: ${tooLarge}`);
     await closeOnServer();
     const bytes = new Uint8Array(await file.arrayBuffer());
     let bitmap = null;
@@ -266,7 +268,8 @@ export function initImageMode(page) {
     drawMarks();
     try {
       if (!state.imageId) await openOnServer();
-      const previous = state.answer ? state.chosen : null;
+      // only an answer on this image_id can be refined: after a reconnect the image is new to the server
+      const previous = state.answer && state.answer.image_id === state.imageId ? state.chosen : null;
       let reply;
       try {
         reply = await page.request("image_segment", segmentFields(state.imageId, state.prompts, { multimask: $("image-multimask").checked, previous }));

@@ -134,6 +134,22 @@ export function segmentFields(imageId, prompts, { multimask, previous }) {
   return fields;
 }
 
+/** [images] max_bytes's default (docs/protocol.md, Limits), for servers whose hello does not say. */
+export const DEFAULT_IMAGE_MAX_BYTES = 16 * 2 ** 20;
+
+/**
+ * Why a file of ``size`` bytes cannot be sent to the server of ``hello``, or
+ * "" when it can. Checked before reading it: an image_open message beyond what
+ * the server accepts would close the WebSocket (1009), live sessions and all.
+ */
+export function fileTooLarge(size, hello) {
+  const limits = (hello && hello.limits) || {};
+  const max = typeof limits.image_max_bytes === "number" ? limits.image_max_bytes : DEFAULT_IMAGE_MAX_BYTES;
+  if (size <= max) return "";
+  const mib = (n) => (n / 2 ** 20).toFixed(1);
+  return `the file has ${mib(size)} MiB; this server takes images up to ${mib(max)} MiB ([images] max_bytes)`;
+}
+
 /** The file's bytes as standard base64 (image_open's ``data``). */
 export function toBase64(bytes) {
   let s = "";
