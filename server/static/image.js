@@ -369,18 +369,25 @@ export function initImageMode(page) {
     input.value = ""; // choosing the same file again opens it again
     page.act(() => load(file));
   };
+  // a file dropped anywhere in image mode opens; dropped elsewhere it is ignored (a browser
+  // would otherwise leave the page for the file, live session and all)
   const view = $("image-view");
-  view.addEventListener("dragover", (e) => {
+  const area = $("image-mode");
+  area.addEventListener("dragover", (e) => {
     e.preventDefault();
     view.classList.add("dropping");
   });
-  view.addEventListener("dragleave", () => view.classList.remove("dropping"));
-  view.addEventListener("drop", (e) => {
+  area.addEventListener("dragleave", (e) => {
+    if (!area.contains(e.relatedTarget)) view.classList.remove("dropping");
+  });
+  area.addEventListener("drop", (e) => {
     e.preventDefault();
+    e.stopPropagation();
     view.classList.remove("dropping");
     const file = e.dataTransfer && e.dataTransfer.files && e.dataTransfer.files[0];
     page.act(() => (file ? load(file) : Promise.reject(new Error("drop an image file"))));
   });
+  for (const type of ["dragover", "drop"]) window.addEventListener(type, (e) => e.preventDefault());
   const marks = $("image-marks");
   marks.addEventListener("pointerdown", onPointerDown);
   marks.addEventListener("pointermove", onPointerMove);
