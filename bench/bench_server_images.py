@@ -60,6 +60,7 @@ def _config(image_batch: int) -> ServerConfig:
     config.images.max_open_per_client = 1000
     config.limits.prompts_per_s = 1000.0
     config.limits.prompt_burst = 1000
+    config.limits.prompt_timeout_s = 600.0  # a batch of 1024 px images on a busy CPU takes a while
     return config
 
 
