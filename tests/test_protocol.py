@@ -49,11 +49,15 @@ def test_every_request_type_parses():
         req(type="stats", id=13),
         req(type="webrtc_publish", id=14, offer={"sdp": "v=0\r\n", "type": "offer"}, name="robot1"),
         req(type="webrtc_view", id=15, session_id=sid, offer={"sdp": "v=0\r\n", "type": "offer"}, draw_masks=False),
+        req(type="image_open", id=16, data="aGk="),
+        req(type="image_segment", id=17, image_id="im1", points_xy=[[1, 2]], labels=[1]),
+        req(type="image_close", id=18, image_id="im1"),
     ]
     parsed = [P.parse_request(c) for c in cases]
     assert [type(p).__struct_config__.tag for p in parsed] == [
         "open", "open", "subscribe", "unsubscribe", "add_points", "add_box", "remove_object",
         "reset", "pause", "resume", "close", "list_sessions", "stats", "webrtc_publish", "webrtc_view",
+        "image_open", "image_segment", "image_close",
     ]
     points = parsed[4]
     assert isinstance(points, P.AddPoints)
@@ -105,7 +109,8 @@ def test_unknown_type_lists_the_types():
     assert err.code == "unknown_type" and err.field == "type" and err.request_id == "a"
     assert err.message == (
         "unknown message type 'subscribe_all'; use one of: open, subscribe, unsubscribe, add_points, add_box, "
-        "remove_object, reset, pause, resume, close, list_sessions, stats, webrtc_publish, webrtc_view"
+        "remove_object, reset, pause, resume, close, list_sessions, stats, webrtc_publish, webrtc_view, "
+        "image_open, image_segment, image_close"
     )
 
 
