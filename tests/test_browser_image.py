@@ -8,12 +8,15 @@ page lists and draws, that the same prompts over the Python client (a second
 connection, the embedding from the shared cache) give the same masks and
 scores, and that the downloads decode to the mask on screen.
 
-User path: switch to image mode, choose a generated PNG, click (a positive
+User paths: switch to image mode, choose a generated PNG, click (a positive
 point), pick each candidate in turn (the overlay is exactly that mask),
 shift-click (a negative point, refining the candidate on screen), drag a box;
 download the mask as PNG and as COCO RLE; switch to live video and back (the
-image and its answer stay); choose a file that is not an image (the server's
-error is shown), then drop the picture on the page (served from the cache).
+image and its answer stay); clear the prompts; choose a file that is not an
+image (the server's error is shown), then drop the picture on the page (served
+from the cache). An EXIF-rotated JPEG shown and prompted upright; a reconnect
+(the server forgets images with their connection) opens the file again; a
+file larger than the server takes is refused before it is sent.
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ DROP = """(b64) => {
   const view = document.getElementById('image-view');
   view.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
   view.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+}"""
+
+#: drop a file of ``n`` zero bytes named ``name`` on the picture
+DROP_ZEROS = """([name, n]) => {
+  const dt = new DataTransfer();
+  dt.items.add(new File([new Uint8Array(n)], name, {type: 'image/png'}));
+  document.getElementById('image-view').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
 }"""
 
 ANSWERS = "(n) => { const a = window.sam2stream.image.answer; return a && a.answer >= n && !window.sam2stream.image.busy; }"
@@ -275,6 +285,17 @@ def test_operator_segments_an_image_refines_it_and_downloads_the_mask(model, bro
         assert page.evaluate("() => window.sam2stream.image.answer.answer") == 3
         np.testing.assert_array_equal(overlay_mask(page), want)
 
+        # ---- clear the prompts: no candidates, nothing drawn, the next click starts afresh
+        page.click("#image-clear")
+        assert not overlay_mask(page).any() and page.evaluate("() => window.sam2stream.image.answer") is None
+        assert page.is_disabled("#image-download-png") and page.is_disabled("#image-download-rle")
+        assert page.locator("#image-candidates li[data-candidate]").count() == 0
+        page.mouse.click(*image_xy(page, 150, 75))
+        wait_for(page, ANSWERS, "an answer after clearing", arg=4)
+        sent, fresh = exchange(watch, "image_segment", 4)
+        assert fresh["type"] == "reply" and sent["points_xy"] == [[150, 75]] and "previous" not in sent
+        np.testing.assert_array_equal(overlay_mask(page), masks_of(fresh)[0])
+
         # ---- not an image: the server's error on the page; then the picture dropped on it, from the cache
         page.set_input_files("#image-file", str(bad))
         wait_for(page, "() => document.getElementById('message').textContent.includes('invalid_image')",
@@ -289,7 +310,7 @@ def test_operator_segments_an_image_refines_it_and_downloads_the_mask(model, bro
         assert "embedding cached" in page.text_content("#image-info")
         page.mouse.click(*image_xy(page, 150, 75))
         wait_for(page, ANSWERS, "an answer on the reopened image", arg=1)
-        sent, again = exchange(watch, "image_segment", 4)
+        sent, again = exchange(watch, "image_segment", 5)
         assert again["type"] == "reply" and sent["points_xy"] == [[150, 75]] and "previous" not in sent
         assert page.evaluate("() => document.getElementById('message').hidden")
         assert watch.errors == [], watch.errors
@@ -350,4 +371,13 @@ def test_an_exif_rotated_photo_is_shown_upright_and_reopened_after_a_reconnect(m
         assert again["type"] == "reply", again
         assert sent["image_id"] == reopened["image_id"] and "previous" not in sent
         assert sent["points_xy"] == [[79, 60], [100, 150]] and sent["labels"] == [1, 1]  # the prompts so far, kept
+
+        # a file larger than the server takes is refused before it is sent (the message would close the WebSocket)
+        page.evaluate(DROP_ZEROS, ["huge.png", 16 * 2**20 + 1])  # made in the page: nothing to carry over
+        wait_for(page, "() => document.getElementById('message').textContent.includes('huge.png')", "the size refusal")
+        assert page.text_content("#message") == (
+            "huge.png: the file has 16.0 MiB; this server takes images up to 16.0 MiB ([images] max_bytes)"
+        )
+        assert len(watch.requests("image_open")) == 2 and page.evaluate("() => window.sam2stream.conn.ready")
+        assert page.evaluate("() => window.sam2stream.image.name") == "rotated.jpg"  # the picture on screen stays
         assert watch.errors == [], watch.errors
