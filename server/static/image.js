@@ -258,12 +258,17 @@ export function initImageMode(page) {
     }
   }
 
-  /** Send the prompts so far; on an error the prompt just added is taken back. */
+  /**
+   * Send the prompts so far; on an error the prompt just added is taken back
+   * (``undo``). An answer for a picture replaced, or prompts cleared, meanwhile is dropped.
+   */
   async function segment(undo) {
     if (state.busy) {
       undo();
       throw new Error("still waiting for the last answer");
     }
+    const { bytes, prompts } = state;
+    const multimask = $("image-multimask").checked;
     state.busy = true;
     drawMarks();
     try {
@@ -272,16 +277,18 @@ export function initImageMode(page) {
       const previous = state.answer && state.answer.image_id === state.imageId ? state.chosen : null;
       let reply;
       try {
-        reply = await page.request("image_segment", segmentFields(state.imageId, state.prompts, { multimask: $("image-multimask").checked, previous }));
+        reply = await page.request("image_segment", segmentFields(state.imageId, prompts, { multimask, previous }));
       } catch (e) {
-        if (e.code !== "unknown_image") throw e;
+        if (e.code !== "unknown_image" || state.bytes !== bytes) throw e;
         await openOnServer(); // closed meanwhile (a reconnect): open it again, start afresh
-        reply = await page.request("image_segment", segmentFields(state.imageId, state.prompts, { multimask: $("image-multimask").checked, previous: null }));
+        reply = await page.request("image_segment", segmentFields(state.imageId, prompts, { multimask, previous: null }));
       }
+      if (state.bytes !== bytes || state.prompts !== prompts || reply.image_id !== state.imageId) return; // cleared or replaced meanwhile
       state.answer = reply;
       state.chosen = 0;
     } catch (e) {
-      undo();
+      if (state.bytes !== bytes) return; // about a picture no longer on screen
+      undo(prompts);
       throw withCode(e);
     } finally {
       state.busy = false;
@@ -292,16 +299,16 @@ export function initImageMode(page) {
   function addPoint(xy, negative) {
     state.prompts.points.push(xy);
     state.prompts.labels.push(negative ? 0 : 1);
-    return segment(() => {
-      state.prompts.points.pop();
-      state.prompts.labels.pop();
+    return segment((prompts = state.prompts) => {
+      prompts.points.pop();
+      prompts.labels.pop();
     });
   }
 
   function setBox(box) {
     const before = state.prompts.box;
     state.prompts.box = box;
-    return segment(() => (state.prompts.box = before));
+    return segment((prompts = state.prompts) => (prompts.box = before));
   }
 
   function imageXY(e) {
