@@ -575,6 +575,7 @@ class TrackingServer:
                 max_points_per_frame=limits.max_points_per_frame,
                 max_opens_in_flight=limits.max_opens_in_flight,
                 send_timeout_s=self.config.server.send_timeout_s,
+                image_max_bytes=self.config.images.max_bytes,
             ),
         )
 

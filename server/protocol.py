@@ -571,6 +571,8 @@ class LimitsInfo(msgspec.Struct, kw_only=True):
     max_opens_in_flight: int = 2
     #: a client that reads nothing for this long while messages wait is closed (1008)
     send_timeout_s: float = 20.0
+    #: an image file ``image_open`` takes at most (its base64 in ``data`` is 4/3 of it)
+    image_max_bytes: int = 16 * 2**20
 
 
 class Hello(msgspec.Struct, tag="hello", tag_field="type", kw_only=True):
