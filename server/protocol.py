@@ -380,6 +380,12 @@ def check_depth(text: str) -> None:
 
 
 def _peek(data: str | bytes) -> _Peek:
+    """The id and type of a message, or nothing; never recurses deeper than :data:`MAX_DEPTH`
+    (msgspec recurses once per level of nesting, even to skip a value)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return _Peek()  # binary messages are never requests
+    if data.count("[") + data.count("{") > MAX_DEPTH and nesting_depth(data) > MAX_DEPTH:
+        return _Peek()
     try:
         return _peek_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):

@@ -127,6 +127,23 @@ def test_deep_nesting_anywhere_is_answered_and_the_connection_stays_usable(model
         assert log.messages(logging.ERROR) == []
 
 
+def test_deep_nesting_in_a_message_over_the_size_limit_closes_1009_without_a_traceback(model):
+    """Messages over ``max_message_bytes`` are looked at for their type (only
+    ``image_open`` may be that big): that look must not recurse either."""
+    from websockets.exceptions import ConnectionClosed
+
+    with server_log() as log, running(model) as st:
+        limit = st.server.config.server.max_message_bytes
+        for head in ('{"type": "x", "a": ', '{"type": "image_open", "id": 1, "a": '):
+            c = Raw(st.url)
+            c.ws.send(head + "[" * (limit + 10) + "]" * 10 + "}")
+            with pytest.raises(ConnectionClosed) as closed:
+                c.recv(timeout=20)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        assert Raw(st.url).request("list_sessions")["sessions"] == []  # the server is fine
+        assert log.messages(logging.ERROR) == []
+
+
 # ---------------------------------------------------------------- clients that stop reading
 
 
