@@ -125,6 +125,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 "/moved.mp4": f"{other_url}/clip.mp4",
                 "/here.mp4": "/clip.mp4",
                 "/twice.mp4": "/here.mp4",
+                "/to-file.mp4": f"file://{allowed / 'clip.mp4'}",
             }) as allowed_url:
         yield Site(root, allowed, outside, allowed_url, other_url, other_seen, allowed_seen)
 
@@ -274,6 +275,24 @@ def test_a_redirect_to_another_port_is_refused_without_a_connection(site: Site) 
         assert str(caught.value) == (f"source {uri} not allowed: it redirects to {site.other_url}{target}, "
                                      f"and host '{other}' is not allowed here")
     assert site.other_seen == []
+
+
+def test_a_redirect_to_a_local_file_is_refused_even_inside_the_allowed_folder(site: Site) -> None:
+    """An HTTP server cannot make the reader open files, allowed ones included."""
+    uri = f"{site.allowed_url}/to-file.mp4"
+    with pytest.raises(SourceNotAllowedError) as caught:
+        indices(uri, policy=site.policy())
+    assert str(caught.value) == f"source {uri} not allowed: it redirects to a local file"
+
+
+def test_a_symlink_loop_is_outside_the_policy_not_an_internal_error(site: Site) -> None:
+    loop = site.allowed / "loop.mp4"
+    if not loop.is_symlink():
+        loop.symlink_to(loop)
+    for source in (str(loop), f"file:{loop}"):
+        with pytest.raises(SourceNotAllowedError, match="outside the allowed folders"):
+            parse_source(source, policy=site.policy())
+    assert not site.policy().allows_path(loop)
 
 
 def test_a_redirect_to_an_allowed_target_is_followed(site: Site) -> None:

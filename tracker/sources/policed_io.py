@@ -335,7 +335,13 @@ class HttpBody:
                     raise av.error.HTTPServerError(errno.EIO, f"redirect ({resp.status}) without a Location")
                 url = urljoin(url, location)
                 if policy is not None:
-                    policy.check_nested(url, self._spec.display, how="redirects to")
+                    kind, _ = policy.check_nested(url, self._spec.display, how="redirects to")
+                    if kind != "http":
+                        raise SourceNotAllowedError(
+                            f"source {self._spec.display} not allowed: it redirects to a local file"
+                        )
+                elif urlsplit(url).scheme.lower() not in ("http", "https"):
+                    raise SourceNotAllowedError(f"source {self._spec.display}: it redirects to {redact(url)}, not HTTP(S)")
                 continue
             if resp.status == 416:  # a range past the end: nothing more to read
                 conn.close()

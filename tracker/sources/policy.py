@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tracker.errors import SourceNotAllowedError, SourceOptionError
+from tracker.errors import SourceError, SourceNotAllowedError, SourceOptionError
 from tracker.sources.spec import _SCHEME_RE, IMAGE_SUFFIXES, SourceSpec, canonical_path, redact, written_path
 
 #: Port a URL without one connects to, per scheme (what ``host:port`` patterns compare with).
@@ -297,7 +297,10 @@ class SourcePolicy:
         text = str(path)
         if not text or "\x00" in text:
             return False
-        resolved = Path(canonical_path(text))
+        try:
+            resolved = Path(canonical_path(text))
+        except SourceError:  # unresolvable (a symlink loop): inside nothing
+            return False
         return any(resolved.is_relative_to(Path(d).resolve()) for d in self.directories)
 
     def allows_host(self, host: str, port: int | None = None) -> bool:

@@ -332,8 +332,14 @@ def canonical_path(path: str) -> str:
 
     The one canonical form: the policy checks it and the reader opens it, so
     no later step can read a prefix (``file:``) or a ``..`` differently.
+
+    Raises:
+        SourceUnsupportedError: the path cannot be resolved (a symlink loop).
     """
-    return str(Path(path).resolve())
+    try:
+        return str(Path(path).resolve())
+    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError up to 3.12, OSError after
+        raise SourceUnsupportedError(f"cannot resolve the path {path!r} ({exc})") from None
 
 
 def _classify(uri: str, probe_fs: bool = True) -> tuple[Kind, str, str]:
