@@ -505,9 +505,11 @@ def test_concurrent_uploads_share_one_encoder_batch(model, monkeypatch):
 
 def test_a_live_session_steps_between_image_batches(model):
     """Uploads queued while a live camera always has a frame waiting: the worker
-    never runs two image batches without a frame step between them."""
+    never runs two image batches without a frame step between them, and on a CPU
+    (where a batch costs the sum of its images) a batch holds one image while a
+    live frame waits, whatever ``max_batch`` says: live video waits one image at most."""
     log: list[str] = []
-    with running(model, make_config(images={"max_batch": 1, "max_open_per_client": 8})) as st:
+    with running(model, make_config(images={"max_batch": 8, "max_open_per_client": 8})) as st:
         worker = st.server.worker
         step, batch = worker._step_frames, worker._run_image_batch
 
@@ -549,7 +551,7 @@ def test_a_live_session_steps_between_image_batches(model):
             stop.set()
             feeder.join(5)
     batches = [i for i, what in enumerate(log) if what == "images"]
-    assert len(batches) == 4  # max_batch 1: one image per batch
+    assert len(batches) == 4  # on the CPU with a frame waiting: one image per batch
     for a, b in zip(batches, batches[1:]):
         assert "frame" in log[a + 1 : b], log
 

@@ -633,6 +633,16 @@ class InferenceWorker:
                 fut.set_exception(e)
         return did
 
+    def _image_batch_limit(self) -> int:
+        """Images one round may encode. On a CPU a batch costs the sum of its images
+        (seconds each at 1024 px: batching does not pay there, ``ImageSegmenter.embed``),
+        so while a live session waits for its next step one image goes per round."""
+        if self.device.type == "cpu":
+            with self._lock:
+                if any(s.has_frame() for s in self._sessions):
+                    return 1
+        return self.max_image_batch
+
     def _run_image_batch(self) -> bool:
         """One ``embed`` call for the images pending on the oldest one's segmenter
         (at most ``max_image_batch``); the others wait for the next round.
@@ -642,10 +652,11 @@ class InferenceWorker:
             if not self._image_embeds:
                 return False
             segmenter, cache = self._image_embeds[0][0], self._image_embeds[0][2]
+            limit = self._image_batch_limit()
             batch, rest = [], deque()
             while self._image_embeds:
                 item = self._image_embeds.popleft()
-                if item[0] is segmenter and item[2] is cache and len(batch) < self.max_image_batch:
+                if item[0] is segmenter and item[2] is cache and len(batch) < limit:
                     batch.append(item)
                 else:
                     rest.append(item)
