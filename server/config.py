@@ -218,6 +218,9 @@ class ImagesSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_pixels: Annotated[int, msgspec.Meta(ge=1)] = 50_000_000
     #: images one connection may have open at once
     max_open_per_client: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
+    #: image files held for every client together (open images keep their file so an
+    #: evicted embedding can be encoded again); beyond it ``image_open`` is refused
+    open_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 2**20
     #: ``image_open`` requests per second per client, and bursts
     opens_per_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
     open_burst: Annotated[int, msgspec.Meta(ge=1)] = 10

@@ -139,6 +139,7 @@ class ImageService:
         self.counters = ImageCounters()
         self._run_blocking = run_blocking
         self._images: dict[str, OpenImage] = {}
+        self._reserved = 0  # bytes of images being decoded and embedded (open_bytes)
         self._dirs = [Path(config.resolve(d)).resolve() for d in self.settings.dirs]
         self._fallback: tuple[ImageSegmenter, InferenceWorker] | None = None
         self._fallback_lock = threading.Lock()
@@ -172,8 +173,21 @@ class ImageService:
         else:
             assert name is not None
             field_name, raw = "name", await self._run_blocking(self._read_named, name)
-        decoded, prepared = await self._run_blocking(self._decode_prepare, raw, field_name)
-        embedded, segmenter, worker = await self._embed(prepared)
+        budget = self.settings.open_bytes
+        held = self._reserved + sum(len(im.data) for im in self._images.values())
+        if held + len(raw) > budget:
+            raise ProtocolError(
+                "limit_exceeded",
+                f"the server already holds {held / 2**20:.1f} MiB of open images (the limit is "
+                f"[images] open_bytes = {budget / 2**20:.0f} MiB); image_close some, or retry later",
+                field=field_name,
+            )
+        self._reserved += len(raw)  # held while it decodes and embeds, then by the open image
+        try:
+            decoded, prepared = await self._run_blocking(self._decode_prepare, raw, field_name)
+            embedded, segmenter, worker = await self._embed(prepared)
+        finally:
+            self._reserved -= len(raw)
         image = OpenImage(
             image_id=f"im{secrets.token_hex(6)}",
             client_id=client_id,

@@ -475,6 +475,47 @@ def test_many_images_stay_within_the_budget(model):
         assert stats["cache_entries"] == 3 and stats["cache_bytes"] <= 3 * one and stats["cache_evictions"] == 5
 
 
+def test_rss_stays_bounded_with_many_images_and_the_open_bytes_budget_holds(model):
+    """Many distinct uploads, each closed after a prompt: the process's RSS grows by far
+    less than the embeddings would take if the cache kept them all (what it keeps is
+    the budget). Then the server-wide ``open_bytes`` budget refuses an upload that
+    would hold more image files than it allows, naming it."""
+    import gc
+
+    import psutil
+
+    seg = ImageSegmenter(model)
+    one = seg.encode(moving_shapes(1, 32, 32, seed=0)[0]).nbytes
+    files = [png(moving_shapes(1, 64, 64, seed=300 + k)[0]) for k in range(32)]
+    proc = psutil.Process()
+    config = make_config(sources={}, images={"cache_bytes": 2 * one, "open_bytes": 3 * max(map(len, files))})
+    with running(model, config) as st:
+        raw = Raw(st.url)
+
+        def one_image(data: bytes) -> None:
+            image_id = raw.request("image_open", data=b64(data))["image_id"]
+            raw.request("image_segment", image_id=image_id, points_xy=[[10, 10]], labels=[1])
+            raw.request("image_close", image_id=image_id)
+
+        for data in files[:8]:  # warm-up: allocator pools, caches, threads
+            one_image(data)
+        gc.collect()
+        rss_before = proc.memory_info().rss
+        for data in files[8:]:
+            one_image(data)
+        gc.collect()
+        growth = proc.memory_info().rss - rss_before
+        unbounded = (len(files) - 8) * one  # what keeping every embedding would take
+        assert growth < unbounded / 2, (growth, unbounded)
+        assert raw.request("stats")["images"]["cache_bytes"] <= 2 * one
+        held = [raw.request("image_open", data=b64(data))["image_id"] for data in files[:3]]
+        err = raw.error("image_open", data=b64(files[3]))
+        assert (err["code"], err["field"]) == ("limit_exceeded", "data")
+        assert "[images] open_bytes" in err["message"]
+        raw.request("image_close", image_id=held[0])
+        raw.request("image_open", data=b64(files[3]))  # room again
+
+
 # ---------------------------------------------------------------- scheduling
 
 
