@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import ssl
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -36,7 +37,7 @@ from websockets.http11 import Request
 
 from server.connection import BinaryReply, _segment_reply
 from server.images import max_image_message_bytes
-from server.protocol import ImageSegment, ProtocolError, TokenBucket, parse_request
+from server.protocol import ImageSegment, ProtocolError, TokenBucket, check_depth, parse_request
 
 if TYPE_CHECKING:
     from server.app import TrackingServer
@@ -48,6 +49,9 @@ HTTP_OWNER = -1
 _MAX_LINE = 8192
 _MAX_HEADERS = 64
 _IMAGE_PATH = re.compile(r"^/v1/images/(?P<id>[A-Za-z0-9]{1,64})(?P<segment>/segment)?$")
+#: addresses whose rate-limit buckets are kept (least recently seen dropped first)
+_MAX_ADDRESSES = 4096
+
 _STATUS = {
     "invalid_json": 400,
     "invalid_message": 400,
@@ -84,7 +88,9 @@ class ImagesHttp:
         self.server = server
         self.port: int | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        #: per address, least recently used first (the oldest go past _MAX_ADDRESSES)
+        self._buckets: OrderedDict[str, tuple[TokenBucket, TokenBucket]] = OrderedDict()
+        self._active: dict[str, int] = {}  # connections being served, per address
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, ssl=ssl_context, limit=_MAX_LINE)
@@ -103,10 +109,13 @@ class ImagesHttp:
         peer = writer.get_extra_info("peername")
         address = str(peer[0]) if peer else "?"
         status, body, content_type = 500, b"", "application/json"
+        admitted = False
         try:
             try:
+                self._admit(address)
+                admitted = True
                 method, target, headers = await asyncio.wait_for(self._read_head(reader), timeout)
-                payload = await asyncio.wait_for(self._read_body(reader, method, target, headers), timeout)
+                payload = await asyncio.wait_for(self._read_body(reader, method, target, headers, address), timeout)
                 status, body, content_type = await self._route(method, target, headers, payload, address)
             except _HttpError as exc:
                 status = exc.status
@@ -127,11 +136,31 @@ class ImagesHttp:
         except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
+            if admitted:
+                self._release(address)
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), 5)
             except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
                 pass
+
+    def _admit(self, address: str) -> None:
+        """The WebSocket's connection limits: ``max_clients`` in all, ``max_clients_per_address`` each."""
+        s = self.server.config.server
+        if sum(self._active.values()) >= s.max_clients:
+            raise _HttpError(503, "busy", f"too many connections (limit {s.max_clients})")
+        if self._active.get(address, 0) >= s.max_clients_per_address:
+            raise _HttpError(
+                503, "busy", f"too many connections from {address} (limit {s.max_clients_per_address} per address)"
+            )
+        self._active[address] = self._active.get(address, 0) + 1
+
+    def _release(self, address: str) -> None:
+        left = self._active.get(address, 1) - 1
+        if left > 0:
+            self._active[address] = left
+        else:
+            self._active.pop(address, None)
 
     async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str, Headers]:
         line = (await reader.readuntil(b"\n")).decode("latin-1").rstrip("\r\n")
@@ -149,7 +178,9 @@ class ImagesHttp:
             headers[name.strip()] = value.strip()
         raise _HttpError(400, "bad_request", f"more than {_MAX_HEADERS} headers")
 
-    async def _read_body(self, reader: asyncio.StreamReader, method: str, target: str, headers: Headers) -> bytes:
+    async def _read_body(
+        self, reader: asyncio.StreamReader, method: str, target: str, headers: Headers, address: str
+    ) -> bytes:
         self._check_access(target, headers)
         if "Transfer-Encoding" in headers:
             raise _HttpError(411, "length_required", "send the body with a Content-Length (no chunked encoding)")
@@ -157,11 +188,17 @@ class ImagesHttp:
             length = int(headers.get("Content-Length", "0"))
         except ValueError:
             raise _HttpError(400, "bad_request", "Content-Length must be a number") from None
-        limit = max_image_message_bytes(self.server.config.images)
+        uploads = method == "POST" and urlsplit(target).path == "/v1/images"
+        # only an upload may be image-sized; a prompt or a close is a small JSON body
+        limit = max_image_message_bytes(self.server.config.images) if uploads else self.server.config.server.max_message_bytes
         if length < 0 or length > limit:
             raise _HttpError(
                 413, "image_too_large", f"the body is {length} bytes; at most {limit} are read", field="data"
             )
+        if uploads:  # the rate limit before the bytes are read, not after
+            opens, _ = self._bucket(address)
+            if not opens.take():
+                raise _HttpError(429, "rate_limited", f"too many image opens; retry in {opens.wait_s():.2f} s")
         return await reader.readexactly(length) if length else b""
 
     def _check_access(self, target: str, headers: Headers) -> None:
@@ -189,9 +226,7 @@ class ImagesHttp:
             if path == "/v1/images":
                 if method != "POST":
                     raise _HttpError(405, "method_not_allowed", "POST the image file's bytes to /v1/images")
-                if not opens.take():
-                    raise ProtocolError("rate_limited", f"too many image opens; retry in {opens.wait_s():.2f} s")
-                return 200, await self._open(body), "application/json"
+                return 200, await self._open(body), "application/json"  # rate-limited before its body was read
             match = _IMAGE_PATH.match(path)
             if match is None:
                 raise _HttpError(404, "not_found", f"no such path {path!r}; see docs/protocol.md (HTTP)")
@@ -211,9 +246,11 @@ class ImagesHttp:
 
     def _bucket(self, address: str) -> tuple[TokenBucket, TokenBucket]:
         buckets = self._buckets.get(address)
-        if buckets is None:
-            if len(self._buckets) > 4096:
-                self._buckets.clear()
+        if buckets is not None:
+            self._buckets.move_to_end(address)
+        else:
+            while len(self._buckets) >= _MAX_ADDRESSES:
+                self._buckets.popitem(last=False)  # the least recently seen; never everyone's at once
             cfg = self.server.config
             buckets = self._buckets[address] = (
                 TokenBucket(cfg.images.opens_per_s, cfg.images.open_burst),
@@ -243,7 +280,9 @@ class ImagesHttp:
         images = self.server.images
         assert images is not None
         try:
-            fields = json.loads(body or b"{}")
+            text = (body or b"{}").decode("utf-8")
+            check_depth(text)  # json.loads recurses once per level
+            fields = json.loads(text)
         except ValueError as exc:
             raise ProtocolError("invalid_json", f"the body is not JSON: {exc}") from None
         if not isinstance(fields, dict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import socket
 import threading
 import time
 from pathlib import Path
@@ -725,3 +726,42 @@ def test_http_origin_rule(model, image):
         assert http("POST", base, png(image), {"Origin": "https://evil.example"})[0] == 403
         assert http("POST", base, png(image), {"Origin": "https://ok.example"})[0] == 200
         assert http("POST", base, png(image))[0] == 200  # scripts send no Origin
+
+
+def test_http_bodies_are_bounded_and_connections_limited_per_address(model, image):
+    """The HTTP port keeps the WebSocket's rules: a prompt body is at most
+    ``max_message_bytes`` and nested at most 32 deep (a 400, no traceback), and one
+    address holds at most ``max_clients_per_address`` connections (503)."""
+    import json
+
+    config = make_config(sources={}, server={"max_clients_per_address": 2}, images={"http_port": 0})
+    with running(model, config) as st:
+        port = st.server.images_http.port
+        base = f"http://127.0.0.1:{port}/v1/images"
+        status, body = http("POST", base, png(image))
+        assert status == 200, body
+        seg_url = f"{base}/{json.loads(body)['image_id']}/segment"
+        deep = '{"points_xy": ' + "[" * 5000 + "]" * 5000 + "}"
+        status, body = http("POST", seg_url, deep.encode())
+        assert status == 400 and json.loads(body)["error"] == "invalid_message", body
+        # a prompt body over max_message_bytes: refused from its Content-Length, before it is sent
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            path = seg_url.split(str(port), 1)[1]
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {2**20 + 10}\r\n\r\n".encode())
+            answer = s.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 413 "), answer
+        held = []
+        try:
+            for _ in range(2):  # two connections that send nothing yet hold both slots of this address
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                held.append(s)
+            time.sleep(0.3)
+            status, body = http("POST", seg_url, json.dumps(PROMPTS[0]).encode())
+            assert status == 503 and b"per address" in body, body
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.time() + 10
+        while (status := http("POST", seg_url, json.dumps(PROMPTS[0]).encode())[0]) == 503 and time.time() < deadline:
+            time.sleep(0.2)
+        assert status == 200
