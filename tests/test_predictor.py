@@ -257,11 +257,13 @@ def test_timestamps_carried_through(model):
     assert r.processed_s is not None and r.processed_s >= 100.0
 
 
-BOUNDED_FRAMES = int(os.environ.get("SAM2_STREAM_BOUNDED_FRAMES", "2000"))
+#: long enough that the stored state has long been constant (from frame ~650 on); the
+#: 10,000-frame run is bench/bench_predictor.py memory (SAM2_STREAM_BOUNDED_FRAMES=2000: longer here)
+BOUNDED_FRAMES = int(os.environ.get("SAM2_STREAM_BOUNDED_FRAMES", "1200"))
 
 
 def test_state_and_rss_stay_bounded_over_a_long_stream(model):
-    """2,000 frames at image_size 256: stored entries constant after warm-up, RSS
+    """1,200 frames at image_size 256: stored entries constant after warm-up, RSS
     growth from frame 200 to the end under 5%.
 
     The stream repeats 40 frames, so their image-encoder outputs are computed
@@ -301,7 +303,8 @@ def test_state_and_rss_stay_bounded_over_a_long_stream(model):
     rss_end = proc.memory_info().rss
     assert p.stats.frames == BOUNDED_FRAMES
     assert len({tuple(sorted(e.items())) for f, e in entries.items() if f >= 650}) == 1, entries
-    assert entries[1950]["non_cond"] > 0 and entries[1950]["cond"] == 3 + 1  # obj 1 capped at 3, obj 2 has 1
+    last = max(entries)
+    assert entries[last]["non_cond"] > 0 and entries[last]["cond"] == 3 + 1  # obj 1 capped at 3, obj 2 has 1
     assert rss_200 is not None
     growth = (rss_end - rss_200) / rss_200
     assert growth < 0.05, f"RSS grew {growth:.1%} from frame 200 to {BOUNDED_FRAMES}"
