@@ -29,7 +29,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import os
 import secrets
 import threading
 import time
@@ -38,15 +37,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av.error
 import numpy as np
 import torch
 
 from server.config import ImagesSection, ServerConfig
 from server.protocol import ProtocolError
 from tracker.embedding_cache import CacheStats, EmbeddingCache
+from tracker.errors import SourceError
 from tracker.image_input import DecodedImage, ImageInputError, ImageLimits, decode_image
 from tracker.segment import Embedded, ImageEmbedding, ImagePromptError, ImageSegmenter, PreparedImage, SegmentResult
 from tracker.session import InferenceWorker
+from tracker.sources.policed_io import open_file_checked
+from tracker.sources.policy import SourcePolicy
+from tracker.sources.spec import canonical_path
 
 logger = logging.getLogger("sam2-stream.images")
 
@@ -141,6 +145,8 @@ class ImageService:
         self._images: dict[str, OpenImage] = {}
         self._reserved = 0  # bytes of images being decoded and embedded (open_bytes)
         self._dirs = [Path(config.resolve(d)).resolve() for d in self.settings.dirs]
+        #: the image folders as a source policy: one set of path rules for sources and images
+        self._policy = SourcePolicy(schemes=frozenset({"file"}), directories=tuple(self._dirs))
         self._fallback: tuple[ImageSegmenter, InferenceWorker] | None = None
         self._fallback_lock = threading.Lock()
 
@@ -340,25 +346,21 @@ class ImageService:
             ) from None
 
     def _read_named(self, name: str) -> bytes:
-        """A file of the image folders, by its canonical path; one answer for a
-        missing file and a path outside the folders (no probing of the disk)."""
+        """A file of the image folders, under the source policy's rules
+        (``tracker.sources.policy``): its canonical path checked, the file actually
+        opened checked again, regular files only (a FIFO cannot hang the thread);
+        one answer for a missing file and a path outside the folders."""
         missing = ProtocolError("image_not_found", f"no image {name!r} in this server's image folders", field="name")
         if not self._dirs or "\x00" in name:
             raise missing
         for folder in self._dirs:
-            try:
-                path = (folder / name).resolve()
-            except (OSError, RuntimeError):
-                continue
-            if not path.is_relative_to(folder) or not path.is_file():
+            candidate = str(folder / name)
+            if not self._policy.allows_path(candidate):
                 continue
             try:
-                with open(path, "rb") as fp:
-                    opened = _opened_path(fp.fileno())
-                    if opened is not None and not Path(opened).is_relative_to(folder):
-                        continue  # swapped for a symlink between the check and the open
+                with open_file_checked(canonical_path(candidate), self._policy, f"image {name!r}") as fp:
                     raw = fp.read(self.settings.max_bytes + 1)
-            except OSError:
+            except (OSError, av.error.FFmpegError, SourceError):
                 continue
             if len(raw) > self.settings.max_bytes:
                 raise ProtocolError(
@@ -404,11 +406,3 @@ class _Digest:
 
 def _same_pixels(prepared: PreparedImage) -> PreparedImage:
     return PreparedImage(prepared.pixels.detach().cpu(), prepared.size_hw, prepared.digest)
-
-
-def _opened_path(fd: int) -> str | None:
-    """The path the descriptor holds (Linux ``/proc``), else None."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import socket
 import threading
 import time
@@ -372,12 +373,13 @@ def test_named_images_under_the_folder_policy(model, image, tmp_path):
     secret = tmp_path / "secret.png"
     secret.write_bytes(png(image))
     (photos / "link.png").symlink_to(secret)
+    os.mkfifo(photos / "fifo.png")  # opened blocking, it would hang the thread that reads it
     with running(model, make_config(sources={}, images={"dirs": [str(photos)]})) as st:
         raw = Raw(st.url)
         opened = raw.request("image_open", name="sub/a.png")
         assert (opened["width"], opened["height"]) == (W, H)
         answers = []
-        for name in ["missing.png", "../secret.png", str(secret), "link.png", "sub"]:
+        for name in ["missing.png", "../secret.png", str(secret), "link.png", "sub", "fifo.png"]:
             err = raw.error("image_open", name=name)
             assert (err["code"], err["field"]) == ("image_not_found", "name"), (name, err)
             answers.append(err["message"].replace(repr(name), "NAME"))
