@@ -228,7 +228,9 @@ class TrackingServer:
                 # image_open carries a file in base64: the only message allowed past
                 # max_message_bytes (server.connection closes others with 1009)
                 max_size=self.max_size,
-                max_queue=16,
+                # messages read ahead of the one being answered: with image-sized
+                # messages allowed, few, so one connection buffers a few images at most
+                max_queue=16 if self.max_size <= s.max_message_bytes else 4,
                 write_limit=s.write_limit_bytes,
                 # keepalive is server.connection.ClientConnection's: websockets'
                 # waits for a full send buffer before its pong timer starts
