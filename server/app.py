@@ -49,7 +49,7 @@ import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from server.config import ConfigError, ServerConfig, SourceCatalog
+from server.config import ConfigError, address_key, ServerConfig, SourceCatalog
 from server.connection import ClientConnection, SessionHub
 from server.images import ImageService, max_image_message_bytes
 from server.metrics import CONTENT_TYPE, ClientSample, ServerMetrics, SessionSample, Snapshot
@@ -91,9 +91,9 @@ def server_version() -> str:
 
 
 def _peer_host(connection: ServerConnection) -> str:
-    """The IP address a connection comes from (what ``max_clients_per_address`` counts)."""
+    """The address a connection comes from, as ``max_clients_per_address`` counts it."""
     address = connection.remote_address
-    return str(address[0]) if isinstance(address, tuple) and address else str(address)
+    return address_key(str(address[0]) if isinstance(address, tuple) and address else str(address))
 
 
 def _percentiles(values: deque) -> tuple[float | None, float | None]:

@@ -352,6 +352,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def address_key(host: str) -> str:
+    """What one client is for the per-address limits: an IPv4 address (IPv4-mapped
+    IPv6 too), or an IPv6 /64 (one host usually holds a whole /64, so counting
+    single IPv6 addresses would let it take every slot)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> ServerConfig:
     """Read a config file (None: the defaults).
 

@@ -23,6 +23,7 @@ closes the oldest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -36,6 +37,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request
 
 from server.connection import BinaryReply, _segment_reply
+from server.config import address_key
 from server.images import max_image_message_bytes
 from server.protocol import ImageSegment, ProtocolError, TokenBucket, check_depth, parse_request
 
@@ -107,12 +109,19 @@ class ImagesHttp:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         timeout = self.server.config.server.send_timeout_s
         peer = writer.get_extra_info("peername")
-        address = str(peer[0]) if peer else "?"
+        address = address_key(str(peer[0])) if peer else "?"
         status, body, content_type = 500, b"", "application/json"
         admitted = False
         try:
             try:
-                self._admit(address)
+                try:
+                    self._admit(address)
+                except _HttpError:
+                    # read the request line and headers (briefly) before answering, so the
+                    # client reads the 503 instead of a reset while it is still sending
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._read_head(reader), 1.0)
+                    raise
                 admitted = True
                 method, target, headers = await asyncio.wait_for(self._read_head(reader), timeout)
                 payload = await asyncio.wait_for(self._read_body(reader, method, target, headers, address), timeout)

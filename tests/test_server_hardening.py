@@ -485,3 +485,15 @@ def test_object_ids_stay_in_the_protocol_range(model):
             left = c.request("remove_object", session_id=sid, obj_id=obj_id)["objects"]
             assert obj_id not in left
         assert c.request("list_sessions")["sessions"][0]["objects"] == []
+
+
+def test_per_address_limits_count_a_host_not_each_of_its_ipv6_addresses():
+    """One host usually holds a whole IPv6 /64 and may also arrive IPv4-mapped:
+    the per-address limits count what one client is, so neither gets more slots."""
+    from server.config import address_key
+
+    assert address_key("::ffff:10.0.0.1") == address_key("10.0.0.1") == "10.0.0.1"
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert address_key("2001:db8:0:1::1") != address_key("2001:db8::1")
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+    assert address_key("127.0.0.1") == "127.0.0.1" and address_key("not-an-ip") == "not-an-ip"
