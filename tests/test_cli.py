@@ -363,4 +363,5 @@ def test_annotate_shows_the_bar_to_the_counted_end_and_leaves_no_work_folder(pro
     bars = [seg for seg in done.stderr.replace("\n", "\r").split("\r") if seg.startswith("annotate clip:")]
     assert bars and "100%" in bars[-1] and " 12/12 " in bars[-1], bars[-3:]
     assert_log_lines_on_their_own(done.stderr)
-    assert sorted(p.name for p in out.iterdir()) == ["annotations.json"]  # no .annotate-work/, no partial journal
+    # no .annotate-work/, no partial journal; the run summary for `eval` beside the annotations
+    assert sorted(p.name for p in out.iterdir()) == ["annotations.json", "clip.run.json"]
