@@ -22,7 +22,9 @@ serving everyone else::
 
 Defined next to their users, on the same root: ``tracker.session.SessionError``
 (session limits, closed or unknown sessions), ``tracker.evaluate.EvalError``
-(a run or ground truth that cannot be scored) and, in the ``server`` package
+(a run or ground truth that cannot be scored), ``tracker.image_input.ImageInputError``
+(an image that cannot be decoded safely), ``tracker.segment.ImagePromptError`` (a
+``PromptError`` naming its field) and, in the ``server`` package
 (which ``tracker`` never imports), ``ProtocolError``, ``ConfigError``,
 ``WebRTCError`` and the client's ``ClientError`` → ``RemoteError`` /
 ``ConnectionLostError``.
