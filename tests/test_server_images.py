@@ -491,7 +491,10 @@ def test_rss_stays_bounded_with_many_images_and_the_open_bytes_budget_holds(mode
     one = seg.encode(moving_shapes(1, 32, 32, seed=0)[0]).nbytes
     files = [png(moving_shapes(1, 64, 64, seed=300 + k)[0]) for k in range(32)]
     proc = psutil.Process()
-    config = make_config(sources={}, images={"cache_bytes": 2 * one, "open_bytes": 3 * max(map(len, files))})
+    config = make_config(sources={}, images={
+        "cache_bytes": 2 * one, "open_bytes": 3 * max(map(len, files)),
+        "opens_per_s": 1000.0, "open_burst": 1000,  # the rate limits are not what this test is about
+    }, limits={"prompts_per_s": 1000.0, "prompt_burst": 1000.0})
     with running(model, config) as st:
         raw = Raw(st.url)
 
