@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from tests.frames import moving_shapes, shape_centres
+from tests.meta_image import meta_image_predictor, meta_predict
 from tracker.errors import FrameError, PromptError
 from tracker.segment import ImagePromptError, ImageSegmenter, PreparedImage, segment
 
@@ -34,13 +35,7 @@ def others() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def meta(model, image):
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-    p = SAM2ImagePredictor(model)
-    s = model.image_size
-    p._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
-    p.set_image(image)
-    return p
+    return meta_image_predictor(model, image)
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +58,6 @@ PROMPTS = [
     dict(box_xyxy=[50.0, 60.0, 110.0, 110.0]),
     dict(box_xyxy=[50.0, 60.0, 110.0, 110.0], points_xy=[[80.0, 85.0]], labels=[0]),
 ]
-
-
-def meta_predict(meta, prompt: dict, multimask: bool, mask_input: np.ndarray | None = None):
-    """Meta's answer, best first."""
-    pts = np.array(prompt["points_xy"], np.float32) if "points_xy" in prompt else None
-    lbl = np.array(prompt["labels"], np.int32) if "labels" in prompt else None
-    box = np.array(prompt["box_xyxy"], np.float32) if "box_xyxy" in prompt else None
-    masks, ious, low = meta.predict(
-        point_coords=pts, point_labels=lbl, box=box, mask_input=mask_input, multimask_output=multimask
-    )
-    order = np.argsort(-ious, kind="stable")
-    return masks[order], ious[order], low[order]
 
 
 def assert_same(ours, theirs, multimask: bool) -> None:

@@ -27,6 +27,7 @@ from PIL import Image
 from server.client import Client, RemoteError, SyncClient
 from tests.faults import fail_on_call
 from tests.frames import moving_shapes, shape_centres
+from tests.meta_image import meta_image_predictor, meta_predict
 from tests.test_server import Raw as _Raw
 from tests.test_server import http_get, make_config, running
 from tracker.embedding_cache import EmbeddingCache
@@ -78,30 +79,13 @@ def image() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def meta(model, image):
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-    p = SAM2ImagePredictor(model)
-    s = model.image_size
-    p._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
-    p.set_image(image)
-    return p
+    return meta_image_predictor(model, image)
 
 
 @pytest.fixture(scope="module")
 def server(model):
     with running(model, make_config(sources={})) as st:
         yield st
-
-
-def meta_predict(meta, prompt: dict, multimask: bool, mask_input: np.ndarray | None = None):
-    pts = np.array(prompt["points_xy"], np.float32) if "points_xy" in prompt else None
-    lbl = np.array(prompt["labels"], np.int32) if "labels" in prompt else None
-    box = np.array(prompt["box_xyxy"], np.float32) if "box_xyxy" in prompt else None
-    masks, ious, low = meta.predict(
-        point_coords=pts, point_labels=lbl, box=box, mask_input=mask_input, multimask_output=multimask
-    )
-    order = np.argsort(-ious, kind="stable")
-    return masks[order].astype(bool), ious[order], low[order]
 
 
 def wire_masks(reply: dict) -> list[np.ndarray]:
