@@ -30,7 +30,8 @@ from tracker.evaluate import (
 from tracker.export import make_writer
 from tracker.results import FrameResult, ObjectResult
 
-VOS = Path(__file__).resolve().parents[1].parent / "shared" / "vos"
+from tests.test_annotate_shared import VOS, clip_dir  # one place knows where ../shared/vos is
+
 N = 16  # chair frames the known-value tests score (14 of them)
 
 pytestmark = [
@@ -38,13 +39,6 @@ pytestmark = [
     pytest.mark.timeout(300),
     pytest.mark.skipif(not VOS.is_dir(), reason="../shared/vos is absent (only in the project's workplace)"),
 ]
-
-
-def clip_dir(*parts: str) -> Path:
-    path = VOS.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{'/'.join(parts)} is not in ../shared/vos")
-    return path
 
 
 def chair_labels(n: int = 60) -> list[np.ndarray]:
