@@ -208,13 +208,10 @@ class ObjectScore:
         return (self.j + self.f) / 2
 
 
-@dataclass(frozen=True)
-class SequenceScore:
-    """One sequence of one run: its objects and their means."""
+class _MeansOverObjects:
+    """J, F and J&F as means over ``objects`` (DAVIS averages objects, not frames)."""
 
-    name: str
-    objects: tuple[ObjectScore, ...]
-    frames: int  # ground-truth frames scored
+    objects: Sequence[ObjectScore]
 
     @property
     def j(self) -> float:
@@ -230,7 +227,16 @@ class SequenceScore:
 
 
 @dataclass(frozen=True)
-class RunScore:
+class SequenceScore(_MeansOverObjects):
+    """One sequence of one run: its objects and their means."""
+
+    name: str
+    objects: tuple[ObjectScore, ...]
+    frames: int  # ground-truth frames scored
+
+
+@dataclass(frozen=True)
+class RunScore(_MeansOverObjects):
     """One run (one model's outputs) over the sequences scored; J and F are means over all their objects."""
 
     name: str
@@ -243,18 +249,6 @@ class RunScore:
     @property
     def objects(self) -> list[ObjectScore]:
         return [o for s in self.sequences for o in s.objects]
-
-    @property
-    def j(self) -> float:
-        return _mean([o.j for o in self.objects])
-
-    @property
-    def f(self) -> float:
-        return _mean([o.f for o in self.objects])
-
-    @property
-    def jf(self) -> float:
-        return (self.j + self.f) / 2
 
 
 class SequenceScorer:
