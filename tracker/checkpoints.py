@@ -7,10 +7,10 @@ local file (downloading it once when allowed), and reading/writing files in
 Meta's format ``{"model": state_dict}``.
 What does not: building models and fitting weights to them (``tracker.model``).
 
-Downloads use only the standard library (``urllib``): streamed to a temporary
-file in the cache directory, checked (size against ``Content-Length`` and the
-registry, sha256 when the registry knows it), then moved into place with
-``os.replace``. A reader therefore sees either no file or a complete one, and two
+Downloads use only the standard library (``urllib``, through ``tracker.download``,
+which ``tracker.hf_checkpoints`` shares): streamed to a temporary file in the
+cache directory, checked (size against ``Content-Length`` and the registry, sha256
+when the registry knows it), then moved into place with ``os.replace``. A reader therefore sees either no file or a complete one, and two
 processes downloading at once both end with the same valid file, so no lock is
 needed. Anything that fails leaves nothing behind and raises
 :class:`~tracker.errors.CheckpointError` saying what to do next.
@@ -22,22 +22,16 @@ layout as Meta's host: ``{base_url}/092824/sam2.1_hiera_tiny.pt``.
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import http.client
 import logging
 import os
-import socket
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tracker import __version__
+from tracker.download import DEFAULT_TIMEOUT_S, announced_length, open_url, sha256_file, stream_to_file
 from tracker.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -48,13 +42,10 @@ OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2"
 BASE_URL_ENV = "SAM2_STREAM_CHECKPOINT_URL"
 #: environment variable naming the cache directory
 CACHE_ENV = "SAM2_STREAM_CACHE"
-#: seconds to wait for the connection and for each read before giving up
-DEFAULT_TIMEOUT_S = 30.0
 #: the way on for someone with no checkpoint at all (no network, first run): every
 #: command takes ``--random-weights SEED``
 RANDOM_WEIGHTS_HINT = "or add --random-weights 0 to try the pipeline without a checkpoint (random weights: meaningless masks)"
 
-_CHUNK_BYTES = 1 << 20
 #: a missing path with one of these endings (or a folder part) is reported as a missing file, not as a bad name
 _WEIGHT_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".safetensors"}
 
@@ -141,15 +132,6 @@ def checkpoint_url(info: CheckpointInfo, base_url: str | None = None) -> str:
     if not base:
         return info.url
     return f"{base.rstrip('/')}/{info.relative_url}"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints are up to ~900 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _manual_hint(url: str, path: Path) -> str:
@@ -252,89 +234,28 @@ def resolve_checkpoint(
     return path
 
 
-def _why(reason: object, timeout: float) -> str:
-    """A short, stable description of a connection failure (for messages tests assert)."""
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError since 3.10
-        return f"no answer within {timeout:g} s"
-    if isinstance(reason, socket.gaierror):
-        return "host name not found (no network or DNS?)"
-    if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-        return "network unreachable"
-    if isinstance(reason, ConnectionError):
-        return "connection lost"
-    return str(reason) or type(reason).__name__
-
-
 def _download(info: CheckpointInfo, url: str, path: Path, *, progress: bool, timeout: float) -> None:
     """Stream ``url`` into ``path`` atomically, checking size and hash on the way."""
-    from tqdm import tqdm
-
     hint = _manual_hint(url, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading checkpoint %s from %s to %s", info.name, url, path)
-    request = urllib.request.Request(url, headers={"User-Agent": f"sam2-stream/{__version__}"})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        raise CheckpointError(f"cannot download {url}: HTTP {e.code} {e.reason}; {hint}") from e
-    except urllib.error.URLError as e:
-        raise CheckpointError(f"cannot download {url}: {_why(e.reason, timeout)}; {hint}") from e
-    except OSError as e:
-        raise CheckpointError(f"cannot download {url}: {_why(e, timeout)}; {hint}") from e
-
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{info.filename}.", suffix=".part")
-    tmp = Path(tmp_name)
-    done = False
-    try:
-        with response, os.fdopen(fd, "wb") as out:
-            length = response.headers.get("Content-Length")
-            announced = int(length) if length is not None and length.isdigit() else None
-            if announced is not None and info.size_bytes is not None and announced != info.size_bytes:
-                raise CheckpointError(
-                    f"cannot download {url}: the server announces {announced} bytes but {info.filename} "
-                    f"is {info.size_bytes} bytes; nothing was saved. Check the URL (or {BASE_URL_ENV}), or {hint}"
-                )
-            expected = info.size_bytes if info.size_bytes is not None else announced
-            digest = hashlib.sha256()
-            received = 0
-            with tqdm(
-                total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=info.filename, disable=not progress
-            ) as bar:
-                while True:
-                    try:
-                        chunk = response.read(_CHUNK_BYTES)
-                    except (OSError, http.client.HTTPException) as e:
-                        raise CheckpointError(
-                            f"download of {url} failed after {received} bytes: {_why(e, timeout)}; "
-                            f"nothing was saved. Run again to retry, or {hint}"
-                        ) from e
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if expected is not None and received != expected:
-                raise CheckpointError(
-                    f"download of {url} is truncated: got {received} bytes, expected {expected} bytes; "
-                    f"nothing was saved. Run again to retry, or {hint}"
-                )
-            actual_sha = digest.hexdigest()
-            if info.sha256 is not None and actual_sha != info.sha256:
-                raise CheckpointError(
-                    f"download of {url} has sha256 {actual_sha}, expected {info.sha256}; nothing was saved. "
-                    f"Run again to retry; if it fails again, {hint}"
-                )
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-        done = True
-    finally:
-        if not done:
-            tmp.unlink(missing_ok=True)
+    response = open_url(url, hint=hint, timeout=timeout)
+    with response:
+        announced = announced_length(response.headers)
+        if announced is not None and info.size_bytes is not None and announced != info.size_bytes:
+            raise CheckpointError(
+                f"cannot download {url}: the server announces {announced} bytes but {info.filename} "
+                f"is {info.size_bytes} bytes; nothing was saved. Check the URL (or {BASE_URL_ENV}), or {hint}"
+            )
+        received, actual_sha = stream_to_file(
+            response,
+            url,
+            path,
+            hint=hint,
+            expected_size=info.size_bytes if info.size_bytes is not None else announced,
+            expected_sha256=info.sha256,
+            timeout=timeout,
+            progress=progress,
+        )
     logger.info("checkpoint %s saved to %s (%d bytes, sha256 %s)", info.name, path, received, actual_sha)
 
 
