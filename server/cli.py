@@ -22,6 +22,7 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from server.config import ConfigError, ModelEntry, ServerConfig, SourceEntry, load_config
@@ -73,9 +74,72 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     return s
 
 
+def add_annotate_ray_args(sub: argparse._SubParsersAction) -> None:
+    """``annotate --ray ADDRESS|auto|local``: the videos on a Ray cluster (``server.ray_annotate``)."""
+    from tracker.cli import parse_key_value
+
+    a = sub.choices["annotate"]
+    g = a.add_argument_group("Ray cluster (optional extra: pip install -e .[ray])")
+    g.add_argument("--ray", metavar="ADDRESS", help="annotate on a Ray cluster: HOST:PORT of its head, auto "
+                   "(the cluster on this machine, or $RAY_ADDRESS) or local (a private one here)")
+    g.add_argument("--ray-workers", type=int, metavar="N", help="worker actors at once, one video each "
+                   "(default: as many as the cluster holds, at most one per video)")
+    g.add_argument("--ray-worker-cpus", type=float, metavar="N", help="CPUs per worker (default 1)")
+    g.add_argument("--ray-worker-gpus", type=float, metavar="N",
+                   help="GPUs per worker, whole or fractional (default 1 where the cluster has GPUs, else 0)")
+    g.add_argument("--ray-worker-resource", action="append", type=parse_key_value, default=[], metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each worker needs (repeatable)")
+    g.add_argument("--ray-max-attempts", type=int, default=3, metavar="N",
+                   help="workers a video may lose (killed, node gone) before it counts as failed (default 3)")
+    local = a.get_default("func")
+
+    def cmd_annotate(args: argparse.Namespace) -> int:
+        if args.ray is None:
+            return int(local(args) or 0)
+        return cmd_annotate_ray(args)
+
+    a.set_defaults(func=cmd_annotate)
+
+
+def cmd_annotate_ray(args: argparse.Namespace) -> int:
+    """``annotate ... --ray ADDRESS``: the job's videos on the cluster, one per worker at a time."""
+    from server.ray_cluster import ClusterError, connect, default_shape
+    from tracker.annotate_many import JobProgress, ModelSpec, VideoJob, jobs_from_args, options_from_args, report
+
+    if args.prompts is not None and not args.manifest:  # one video, written as the one-video command writes it
+        if args.video is None:
+            raise SystemExit("annotate: give the video to annotate with --prompts")
+        name = args.video_name or Path(args.video.removeprefix("images:").rstrip("/")).stem or "video"
+        jobs = [VideoJob(args.video, args.prompts, name, args.out)]
+    else:
+        jobs = jobs_from_args(args)
+    resources: dict[str, float] = {}
+    for key, value in args.ray_worker_resource:
+        try:
+            resources[key] = float(value)
+        except ValueError:
+            raise ClusterError(f"--ray-worker-resource {key}={value}: the amount must be a number") from None
+    for flag, value in (("--ray-workers", args.ray_workers), ("--ray-max-attempts", args.ray_max_attempts)):
+        if value is not None and value < 1:
+            raise ClusterError(f"{flag} must be at least 1, got {value}")
+    from server.ray_annotate import run_on_ray
+
+    ray = connect(args.ray)
+    shape = default_shape(ray.cluster_resources(), args.ray_worker_cpus, args.ray_worker_gpus, resources)
+    progress = JobProgress(len(jobs))
+    try:
+        run_on_ray(jobs, options_from_args(args), ModelSpec.from_args(args), address=args.ray, workers=args.ray_workers,
+                   shape=shape, resume=args.resume, max_attempts=args.ray_max_attempts, progress=progress)
+    finally:
+        ray.shutdown()
+    return report(progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = build_tracker_parser()
-    add_serve_parser(_subcommands(parser))
+    sub = _subcommands(parser)
+    add_serve_parser(sub)
+    add_annotate_ray_args(sub)
     return parser
 
 

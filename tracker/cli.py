@@ -17,9 +17,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 
 from tracker.errors import TrackerError
+
+if TYPE_CHECKING:
+    from tracker.annotate import AnnotateStats
+    from tracker.annotate_many import AnnotateOptions, VideoJob
 
 logger = logging.getLogger("sam2-stream")
 
@@ -214,6 +218,37 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
+    """One video (``VIDEO --prompts P``), or many: a folder of videos or ``--manifest FILE``."""
+    from tracker.annotate_many import VideoJob, cmd_annotate_many, options_from_args
+
+    if args.manifest or args.prompts is None:
+        if args.manifest is None and args.video is None:
+            raise SystemExit("annotate: give a video and --prompts, a folder of videos, or --manifest FILE")
+        return cmd_annotate_many(args)
+    if args.video is None:
+        raise SystemExit("annotate: give the video to annotate with --prompts")
+    name = args.video_name or Path(args.video.removeprefix("images:").rstrip("/")).stem or "video"
+    job = VideoJob(video=args.video, prompts=args.prompts, name=name, out=args.out)
+    annotate_video(job, options_from_args(args), lambda: build_model_from_args(args), resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def annotate_video(
+    job: "VideoJob",
+    options: "AnnotateOptions",
+    model_factory: Callable[[], Any],
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    on_frame: Callable[[int], None] | None = None,
+) -> "AnnotateStats":
+    """What ``annotate`` does for one video: checks, then the model, then the export files in ``job.out``.
+
+    The one-video command, the many-videos loop and the Ray workers all write
+    through here, so each video's files are the same whichever ran it.
+    ``model_factory`` is called once the checks that need no model have passed;
+    ``on_frame`` hears each frame written (progress).
+    """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -222,48 +257,49 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     keep_frame_memory()  # file-mode decoding at full resolution without page-faulting every frame
 
     from tracker.annotate import AnnotateStats, annotate, check_prompts, load_prompts
+    from tracker.annotate_many import WORK_DIR
     from tracker.errors import SourceUnsupportedError
     from tracker.export import make_writer
     from tracker.probe import probe_source
 
     # every check that needs no model first: the source, its length and size against the prompts
-    prompts = load_prompts(args.prompts)
-    probe = probe_source(args.video)
+    prompts = load_prompts(job.prompts)
+    probe = probe_source(job.video)
     check_prompts(prompts, probe)
     if probe.size_hw is None:
         raise SourceUnsupportedError(f"cannot read {probe.display}: no frame decodes")
     height, width = probe.size_hw
     fps = probe.fps
-    name = args.video_name or Path(args.video.removeprefix("images:").rstrip("/")).stem or "video"
+    name = job.name
     obj_ids = sorted({p.obj_id for p in prompts})
-    formats = list(dict.fromkeys(args.format or ["coco"]))
-    model = build_model_from_args(args)
-    out_dir = Path(args.out)
+    formats = list(options.formats)
+    model = model_factory()
+    out_dir = Path(job.out)
 
     def open_writers() -> list:
         return [
-            make_writer(f, out_dir, video_name=name, height=height, width=width, fps=fps, obj_ids=obj_ids, resume=args.resume)
+            make_writer(f, out_dir, video_name=name, height=height, width=width, fps=fps, obj_ids=obj_ids, resume=resume)
             for f in formats
             if f != "overlay"
         ]
 
     # a fresh run opens its outputs with its first frame: a run refused before it writes nothing
-    writers = open_writers() if args.resume else None
+    writers = open_writers() if resume else None
     done = set.intersection(*(w.done_frames() for w in writers)) if writers else set()
     overlay_rles: dict[int, dict[int, dict]] | None = {} if "overlay" in formats else None
     stats = AnnotateStats()
-    bar = tqdm(total=probe.frame_count, unit="frame", desc=f"annotate {name}", initial=len(done), disable=args.quiet)
+    bar = tqdm(total=probe.frame_count, unit="frame", desc=f"annotate {name}", initial=len(done), disable=quiet)
     try:
         with logging_redirect_tqdm():
             for result in annotate(
-                args.video,
+                job.video,
                 prompts,
                 model=model,
-                work_dir=out_dir / ".annotate-work",
-                resume=args.resume,
+                work_dir=out_dir / WORK_DIR,
+                resume=resume,
                 skip_frames=done,
                 stats=stats,
-                checkpoint_every=args.save_state_every,
+                checkpoint_every=options.save_state_every,
             ):
                 if writers is None:
                     writers = open_writers()
@@ -272,6 +308,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                 if overlay_rles is not None:
                     overlay_rles[result.frame_idx] = frame_record(result)["objects"]
                 bar.update(1)
+                if on_frame is not None:
+                    on_frame(result.frame_idx)
     except BaseException:
         for w in writers or []:
             w.abort()
@@ -282,7 +320,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         w.close()
         logger.info("wrote %s", w.output_path)
     if overlay_rles is not None:
-        path = write_overlay(args.video, overlay_rles, out_dir, name, height, width, fps)
+        path = write_overlay(job.video, overlay_rles, out_dir, name, height, width, fps)
         logger.info("wrote %s", path)
     if stats.video_frames is not None and probe.frame_count is not None and stats.video_frames != probe.frame_count:
         logger.warning(
@@ -305,9 +343,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from tracker.evaluate import write_run_summary
 
     write_run_summary(
-        out_dir, name, frames=stats.forward_frames + stats.backward_frames, seconds=stats.seconds, model=args.model
+        out_dir, name, frames=stats.forward_frames + stats.backward_frames, seconds=stats.seconds, model=options.model_name
     )
-    return 0
+    return stats
 
 
 def write_overlay(video: str, records: dict[int, dict[int, dict]], out_dir: Path, name: str, height: int, width: int, fps: float | None) -> Path:
@@ -419,9 +457,19 @@ def build_parser() -> argparse.ArgumentParser:
     from tracker.export import FORMATS
 
     a = sub.add_parser("annotate", help="propagate prompts through a whole video (forward and backward); export masks")
-    a.add_argument("video", help="video file or folder of frames")
-    a.add_argument("--prompts", required=True, help="prompts JSON (see samples/prompts.json)")
-    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument(
+        "video",
+        nargs="?",
+        help="video file or folder of frames (with --prompts); without --prompts: a folder of videos, "
+        "each with its prompts file NAME.json beside it",
+    )
+    a.add_argument("--prompts", help="prompts JSON (see samples/prompts.json); required for one video")
+    a.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help='many videos: JSON lines of {"video": PATH, "prompts": PATH, "name": NAME}; each written to OUT/NAME/',
+    )
+    a.add_argument("--out", required=True, help="output folder (many videos: one sub-folder per video)")
     a.add_argument("--format", action="append", choices=FORMATS, help="coco (default), ytvis, davis, mot, overlay; repeat for several")
     a.add_argument("--video-name", help="name used in the outputs (default: the file name)")
     a.add_argument("--resume", action="store_true", help="continue an interrupted run from what is on disk")
