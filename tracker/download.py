@@ -96,7 +96,9 @@ def open_url(
     for key, value in (unredirected_headers or {}).items():
         request.add_unredirected_header(key, value)
     try:
-        return (opener or urllib.request.build_opener()).open(request, timeout=timeout)
+        if opener is None:
+            return urllib.request.urlopen(request, timeout=timeout)
+        return opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         with e:
             message = http_error(e) if http_error is not None else None
