@@ -403,6 +403,16 @@ def test_offline_environment_refuses_to_download(
     assert hub.requests == []
 
 
+def test_offline_environment_uses_a_complete_cache(
+    tiny: HFCheckpointInfo, repo_dir: Path, repo_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo_dir.mkdir(parents=True)
+    for name, data in repo_files.items():
+        (repo_dir / name).write_bytes(data)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_hf_checkpoint(NAME, endpoint=f"http://127.0.0.1:{_free_port()}") == repo_dir
+
+
 def test_offline_false_values_allow_downloads(
     hub: _Hub, tiny: HFCheckpointInfo, repo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
