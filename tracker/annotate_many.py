@@ -155,10 +155,13 @@ def load_manifest(path: str | Path, out_root: str | Path) -> list[VideoJob]:
     entries: list[tuple[str, Any]] = []
     try:
         data = json.loads(text)
-        items = data.get("videos") if isinstance(data, dict) else data
-        if not isinstance(items, list):
-            raise ManifestError(f'manifest {path}: expected a list of videos, {{"videos": [...]}} or JSON lines')
-        entries = [(f"entry {i}", item) for i, item in enumerate(items)]
+        if isinstance(data, dict) and "videos" not in data:  # JSON lines of one line
+            entries = [("line 1", data)]
+        else:
+            items = data.get("videos") if isinstance(data, dict) else data
+            if not isinstance(items, list):
+                raise ManifestError(f'manifest {path}: expected a list of videos, {{"videos": [...]}} or JSON lines')
+            entries = [(f"entry {i}", item) for i, item in enumerate(items)]
     except json.JSONDecodeError:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
