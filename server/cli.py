@@ -13,6 +13,8 @@ override the config file; without a file, the defaults of
 
 The console script points here (``pyproject.toml``), so ``track``,
 ``annotate`` and ``segment`` keep working through the same entry point.
+Here ``annotate`` also takes ``--ray ADDRESS|auto|local``: the videos of a
+folder or manifest on a Ray cluster (``server.ray_annotate``, docs/scaling.md).
 """
 
 from __future__ import annotations

@@ -64,25 +64,24 @@ else:
         return folder
 
     @pytest.fixture(scope="module")
-    def reference(videos, random_checkpoint, tmp_path_factory) -> Path:
-        """Each video by the single-machine command, on one thread as the workers run."""
-        from tracker.cli import main
+    def reference(videos, model, random_checkpoint, tmp_path_factory) -> Path:
+        """Each video as the single-machine command writes it (its ``annotate_video``, the model of
+        the same checkpoint loaded once), on one thread as the workers run."""
+        from tracker.annotate_many import VideoJob
+        from tracker.cli import annotate_video
 
         out = tmp_path_factory.mktemp("ray_reference")
+        _, options = spec_and_options(random_checkpoint)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             for name in VIDEOS:
                 video = videos / name if name == "c" else videos / f"{name}.mp4"
-                code = main(["annotate", str(video), "--prompts", str(videos / f"{name}.json"), "--out", str(out / name),
-                             "--format", "coco", "--format", "davis", "--quiet", *model_args(random_checkpoint)])
-                assert code == 0
+                job = VideoJob(str(video), str(videos / f"{name}.json"), name, str(out / name))
+                annotate_video(job, options, lambda: model, quiet=True)
         finally:
             torch.set_num_threads(threads)
         return out
-
-    def model_args(checkpoint: Path) -> list[str]:
-        return ["--model", "sam2.1-tiny", "--checkpoint", str(checkpoint), "--device", "cpu", "--image-size", "256"]
 
     def spec_and_options(checkpoint: Path, save_every: int = 50):
         from tracker.annotate_many import AnnotateOptions, ModelSpec
