@@ -196,9 +196,11 @@ class SessionHost:
         stream = self._streams[session.id] = _Stream(STREAM_DEPTH)
         self._sources[session.id] = src
         self._meta[session.id] = {"source": source, "model": model, "options": dict(options or {}), "frames": 0}
-        if snapshot is not None:
+        if snapshot is not None:  # no frame step between the open and the restored state
+            session.pause()
             state = decode_state(snapshot.state)
             session.worker.submit(lambda: session.predictor.load_state_dict(state), session=session).result(60)
+            session.resume()
             stream.push({"kind": "moved", "message": f"session {name} moved to {self.name}"
                          + (f" after {moved_from} was lost" if moved_from else ""), "obj_ids": snapshot.obj_ids})
         session.subscribe(lambda item, sid=session.id: self._on_item(sid, item))
@@ -207,6 +209,16 @@ class SessionHost:
         if snapshot is not None:
             self._save_snapshot(session.id)
         return {"session_id": session.id, "name": name, "host": self.name}
+
+    def find(self, name: str) -> str | None:
+        """The id of the open session called ``name`` here: any front joins a session by name."""
+        session = self.manager.find_by_name(name)
+        return session.id if session is not None else None
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """The open sessions here, as ``list_sessions`` shows them."""
+        return [{"session_id": s.id, "name": s.name, "state": s.state, "objects": sorted(s.predictor.obj_ids),
+                 "frames_processed": s.stats.frames_processed, "host": self.name} for s in self.manager.list()]
 
     def close(self, session_id: str) -> None:
         session = self.manager.get(session_id)

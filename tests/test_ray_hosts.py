@@ -1,6 +1,7 @@
 """Live sessions on session-host actors of a real local 2-node Ray cluster (in a
 loopback-only namespace, see tests/ray_netns.py): a session placed on a host gives
-the masks an in-process session gives on the same frames and prompts; when its host
+the masks an in-process session gives on the same frames and prompts, and a second
+reader (another front) of its stream gets every frame; when its host
 is killed mid-stream it is re-created on the other host from its last snapshot, with
 a ``moved`` event and its objects, tracking as a session restored from that snapshot.
 
@@ -123,6 +124,12 @@ else:
                 assert sorted(r["objects"]) == ["1"]
                 assert masks(r) == masks(local.step(image))
             local.close()
+            # a second front joins by name and reads the same stream: every frame's result
+            assert ray.get(hosts[first].find.remote("cam")) == sid
+            again = [r for r in ray.get(hosts[first].poll.remote(sid, 0, 0.0)) if r["kind"] == "result"]
+            assert [r["frame_idx"] for r in again] == list(range(6))
+            listed = ray.get(hosts[first].sessions.remote())
+            assert [(s["name"], s["objects"], s["frames_processed"]) for s in listed] == [("cam", [1], 6)]
 
             # the host dies mid-stream: the session goes to the other host from its last snapshot
             ray.kill(hosts[first], no_restart=True)
