@@ -54,8 +54,11 @@ def canonical_model_name(name: str) -> str:
 
 
 def model_names() -> list[str]:
-    """Short names of the official models (the checkpoint registry's names)."""
-    return list(CHECKPOINTS)
+    """Short names of the official models: SAM 2 / 2.1 (Meta's code), then the
+    families served through transformers (``tracker.families``)."""
+    from tracker.families import FAMILIES
+
+    return list(CHECKPOINTS) + list(FAMILIES)
 
 
 def resolve_config(model: str) -> str:
@@ -211,7 +214,9 @@ def build_model(
 
     Args:
         model: short name (``sam2.1-tiny``, ``sam2.1-small``, ``sam2.1-base-plus``,
-            ``sam2.1-large``, ``sam2-*``) or a sam2 config path.
+            ``sam2.1-large``, ``sam2-*``) or a sam2 config path; or a family
+            served through transformers (``edgetam``, ``sam3-tracker``: see
+            :mod:`tracker.families`), whose ``checkpoint`` is a directory.
         checkpoint: a local ``.pt`` file in Meta's format (``{"model": state_dict}``),
             or None to use the official checkpoint of ``model`` from the cache
             (downloaded once if absent and ``download`` is true).
@@ -222,6 +227,20 @@ def build_model(
         precision: the autocast inference runs under (:data:`PRECISIONS`); kept
             on the model, so every predictor of it uses the same.
     """
+    from tracker.families import FAMILIES, build_family_model
+
+    if model in FAMILIES:
+        dev = pick_device(device)
+        check_precision(precision, dev)
+        return build_family_model(
+            model,
+            checkpoint=checkpoint,
+            device=dev,
+            image_size=image_size,
+            random_weights_seed=random_weights_seed,
+            download=download,
+            precision=precision,
+        )
     config = resolve_config(model)
     if image_size is not None and (image_size % 32 != 0 or image_size < 64):
         raise ModelConfigError(

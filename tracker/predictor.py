@@ -302,6 +302,21 @@ class StreamingPredictor:
             )
 
     @torch.inference_mode()
+    def forward_batch(self, pixels: torch.Tensor) -> list[dict[str, Any]]:
+        """SAM 2's image encoder on a batch of frames (``to_model_input``'s,
+        stacked); one :meth:`encode_features` input per frame. The inference
+        worker batches several sessions' frames through here."""
+        with autocast_context(self.device, self.precision):
+            backbone = self.model.forward_image(pixels)
+        return [
+            {
+                "backbone_fpn": [f[i : i + 1] for f in backbone["backbone_fpn"]],
+                "vision_pos_enc": [p[i : i + 1] for p in backbone["vision_pos_enc"]],
+            }
+            for i in range(pixels.shape[0])
+        ]
+
+    @torch.inference_mode()
     def encode_features(
         self,
         backbone_out: dict[str, Any],

@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from tracker.errors import SourceError, TrackerError
-from tracker.model import model_autocast
+from tracker.families import make_predictor
 from tracker.predictor import StreamingPredictor
 from tracker.prompts import OBJ_ID_MAX, OBJ_ID_MIN, check_obj_id
 from tracker.results import FrameResult, ObjectResult
@@ -755,10 +755,10 @@ class InferenceWorker:
         return self._encode(inputs, t0) if inputs else []
 
     def _encode(self, inputs: list[tuple[TrackingSession, Any, torch.Tensor]], t0: float) -> list[tuple[TrackingSession, Any, int]]:
-        model = inputs[0][0].predictor.model
         try:
-            with torch.inference_mode(), model_autocast(model):
-                backbone = model.forward_image(torch.cat([x[2] for x in inputs], dim=0))
+            # the first session's predictor runs its family's image encoder for all
+            # (the batch holds sessions of one model only: see _step_frames)
+            features = inputs[0][0].predictor.forward_batch(torch.cat([x[2] for x in inputs], dim=0))
         except Exception as e:
             self._maybe_free_cuda(e)
             if isinstance(e, torch.cuda.OutOfMemoryError) and len(inputs) > 1:
@@ -771,14 +771,10 @@ class InferenceWorker:
         dt = time.perf_counter() - t0
         encoded = []
         for i, (session, frame, _) in enumerate(inputs):
-            one = {
-                "backbone_fpn": [f[i : i + 1] for f in backbone["backbone_fpn"]],
-                "vision_pos_enc": [p[i : i + 1] for p in backbone["vision_pos_enc"]],
-            }
             session.stats.times.encode.append(dt / len(inputs))
             try:
                 frame_idx = session.predictor.encode_features(
-                    one,
+                    features[i],
                     source_size=frame.source_size,
                     pts_s=frame.pts_s,
                     arrival_s=frame.arrival_s,
@@ -932,7 +928,7 @@ class SessionManager:
                     f"the server already runs {self.max_sessions} sessions (the limit); close one or subscribe to one"
                 )
             worker = self._worker_for(net)
-            predictor = StreamingPredictor(net, **predictor_options)
+            predictor = make_predictor(net, **predictor_options)
             session = TrackingSession(
                 source,
                 predictor,
@@ -972,7 +968,7 @@ class SessionManager:
                 cpu_model = self._cpu_models[id(old.model)] = _cpu_copy(old.model)
         with self._lock:
             worker = self._worker_for(cpu_model)
-        predictor = StreamingPredictor(cpu_model, **session.predictor_options)
+        predictor = make_predictor(cpu_model, **session.predictor_options)
         predictor.load_state_dict(old.state_dict())
         why = f"out of CUDA memory on {old.device}: session {session.id} now runs on the CPU (slower)"
         if session.move_to(predictor, worker, why):

@@ -1,0 +1,268 @@
+"""EdgeTAM and SAM 3's tracker through transformers: the streaming predictor's
+output equals the library's own unpruned streaming session (``video=None``,
+frames added one at a time) given the same frames and prompts, while holding a
+bounded state.
+
+The models are the real architectures at reduced size with seeded random
+weights; equality is checked on mask logits at the source resolution (1e-4).
+The reference makes exactly the calls a user of the library would: a new frame
+is ``model(session, frame=pixels)``; a prompt is the processor's
+``add_inputs_to_inference_session`` then ``model(session, frame_idx=f)``, and
+a prompt on an older frame re-runs the frames after it up to the newest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tracker.errors import ModelConfigError, PromptError  # noqa: E402
+from tracker.families import FAMILIES, build_family_model, make_predictor  # noqa: E402
+from tracker.families.hf_video import HFVideoPredictor  # noqa: E402
+
+SIZES = {"edgetam": 256, "sam3-tracker": 224}
+H, W = 120, 160
+N_FRAMES = 22
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    torch.set_num_threads(2)
+    return build_family_model(
+        request.param, device=torch.device("cpu"), image_size=SIZES[request.param], random_weights_seed=0, reduced=True
+    )
+
+
+def frames(n: int = N_FRAMES, seed: int = 0) -> list[np.ndarray]:
+    """A moving bright square on noise: masks that differ from frame to frame."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(n):
+        img = rng.integers(0, 60, (H, W, 3), dtype=np.uint8)
+        x = 20 + 3 * t
+        img[30:70, x : x + 40] = 220
+        out.append(img)
+    return out
+
+
+@dataclass
+class Reference:
+    """The library's own session, unpruned, driven as a user of it would."""
+
+    model: torch.nn.Module
+    session: Any = None
+    outputs: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # frame -> obj -> logits
+
+    def __post_init__(self) -> None:
+        family = self.model.stream_family
+        self.processor = family.processor(int(self.model.config.image_size))
+        self.session = family.session_class()(inference_device="cpu", dtype=torch.float32)
+
+    def logits(self, out: Any) -> dict[int, torch.Tensor]:
+        (lg,) = self.processor.post_process_masks([out.pred_masks.float()], original_sizes=[[H, W]], binarize=False)
+        return {o: lg[i, 0] for i, o in enumerate(out.object_ids)}
+
+    @torch.inference_mode()
+    def frame(self, image: np.ndarray, idx: int) -> dict[int, torch.Tensor]:
+        pixels = self.processor(images=image, return_tensors="pt").pixel_values[0]
+        if not self.session.obj_ids:
+            self.session.add_new_frame(pixels, idx)
+            return {}
+        out = self.model(self.session, frame_idx=idx, frame=pixels)
+        return self.logits(out)
+
+    @torch.inference_mode()
+    def prompt(self, frame_idx: int, newest: int, obj_id: int, **inputs: Any) -> dict[int, torch.Tensor]:
+        self.processor.add_inputs_to_inference_session(
+            self.session, frame_idx=frame_idx, obj_ids=[obj_id], original_size=(H, W), **inputs
+        )
+        first = self.logits(self.model(self.session, frame_idx=frame_idx))
+        for t in range(frame_idx + 1, newest + 1):
+            self.model(self.session, frame_idx=t)
+        return first
+
+
+def hf_inputs(points=None, labels=None, box=None, mask=None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if points is not None:
+        out["input_points"] = [[[list(map(float, p)) for p in points]]]
+        out["input_labels"] = [[list(map(int, labels))]]
+    if box is not None:
+        out["input_boxes"] = [[list(map(float, box))]]
+    if mask is not None:
+        out["input_masks"] = torch.from_numpy(mask)
+    return out
+
+
+def square_mask(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    m = np.zeros((H, W), dtype=bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def run_both(model: torch.nn.Module, script: dict[int, list[dict[str, Any]]], *, removals: dict[int, int] | None = None,
+             **options: Any) -> tuple[HFVideoPredictor, int]:
+    """Feed the same frames and prompts to the predictor and the reference;
+    compare every object's logits on every frame and on every prompt.
+    ``script``: frame index -> prompts made after that frame was tracked (each
+    with ``obj_id``, optional ``frame`` (a past frame), and points/box/mask)."""
+    pred = make_predictor(model, max_prompt_frames=3, min_prompt_frames=3, **options)
+    ref = Reference(model)
+    removals = removals or {}
+    removed: set[int] = set()
+    compared = 0
+    for t, image in enumerate(frames()):
+        got = pred.track(image)
+        want = ref.frame(image, t)
+        for obj_id, logits in want.items():
+            if obj_id in removed:
+                continue
+            diff = float((torch.from_numpy(got.objects[obj_id].logits_hw) - logits).abs().max())
+            assert diff <= TOL, f"frame {t} object {obj_id}: |diff| {diff:.2e}"
+            compared += 1
+        assert set(got.objects) == set(want) - removed
+        for p in script.get(t, []):
+            p = dict(p)
+            obj_id, frame_idx = p.pop("obj_id"), p.pop("frame", t)
+            mine = pred.add_prompt(
+                obj_id, points_xy=p.get("points"), labels=p.get("labels"), box_xyxy=p.get("box"),
+                mask_hw=p.get("mask"), frame_idx=frame_idx,
+            )
+            theirs = ref.prompt(frame_idx, t, obj_id, **hf_inputs(**p))[obj_id]
+            diff = float((torch.from_numpy(mine.logits_hw) - theirs).abs().max())
+            assert diff <= TOL, f"prompt on frame {frame_idx} for object {obj_id}: |diff| {diff:.2e}"
+            assert mine.is_prompted
+        if t in removals:
+            pred.remove_object(removals[t])
+            removed.add(removals[t])
+    return pred, compared
+
+
+def assert_bounded(pred: HFVideoPredictor) -> None:
+    held = pred.stored_entries()
+    n_obj = len(pred.obj_ids)
+    reach = pred._lookback + pred.max_prompt_frames
+    assert held["frames"] <= pred.max_prompt_frames and held["features"] == held["frames"]
+    assert held["pixels"] == 0
+    assert held["non_cond"] <= n_obj * reach, held
+    assert held["tracked"] <= n_obj * reach, held
+    for od in pred.session.output_dict_per_obj.values():
+        for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
+            assert all("high_res_masks" not in out for out in od[key].values())
+
+
+def test_one_object(family_model: torch.nn.Module) -> None:
+    pred, compared = run_both(family_model, {0: [{"obj_id": 1, "points": [[60, 50]], "labels": [1]}]})
+    assert compared == N_FRAMES - 1
+    assert_bounded(pred)
+    assert min(pred.session.output_dict_per_obj[0]["non_cond_frame_outputs"]) > 1  # pruning happened
+
+
+def test_three_objects_points_box_mask(family_model: torch.nn.Module) -> None:
+    script = {
+        0: [
+            {"obj_id": 1, "points": [[60, 50], [10, 10]], "labels": [1, 0]},
+            {"obj_id": 2, "box": [5, 80, 60, 115]},
+        ],
+        1: [{"obj_id": 3, "mask": square_mask(100, 20, 150, 60)}],
+    }
+    pred, compared = run_both(family_model, script)
+    assert compared == 3 * (N_FRAMES - 2) + 2
+    assert_bounded(pred)
+
+
+def test_object_added_mid_stream_and_removed(family_model: torch.nn.Module) -> None:
+    script = {
+        0: [{"obj_id": 1, "points": [[60, 50]], "labels": [1]}],
+        9: [{"obj_id": 7, "box": [90, 20, 150, 80]}],
+    }
+    pred, _ = run_both(family_model, script, removals={15: 1})
+    assert pred.obj_ids == [7]
+    assert_bounded(pred)
+
+
+def test_correction_on_tracked_frame(family_model: torch.nn.Module) -> None:
+    script = {
+        0: [{"obj_id": 1, "points": [[60, 50]], "labels": [1]}],
+        11: [{"obj_id": 1, "points": [[70, 50], [20, 100]], "labels": [1, 0]}],
+    }
+    pred, _ = run_both(family_model, script)
+    # the library keeps a correction as a tracked (non-conditioning) output
+    assert sorted(pred.session.output_dict_per_obj[0]["cond_frame_outputs"]) == [0]
+    assert_bounded(pred)
+
+
+def test_prompt_on_a_past_frame(family_model: torch.nn.Module) -> None:
+    script = {
+        0: [{"obj_id": 1, "points": [[60, 50]], "labels": [1]}],
+        12: [
+            {"obj_id": 2, "points": [[120, 40]], "labels": [1], "frame": 10},
+            {"obj_id": 1, "points": [[65, 52]], "labels": [1], "frame": 11},
+        ],
+    }
+    pred, _ = run_both(family_model, script)
+    assert pred.stats.catch_up_frames == 2 + 1
+    assert_bounded(pred)
+
+
+def test_prompt_outside_the_window_is_refused(family_model: torch.nn.Module) -> None:
+    pred = make_predictor(family_model, max_prompt_frames=2, min_prompt_frames=2)
+    for image in frames(5):
+        pred.track(image)
+    with pytest.raises(PromptError, match="older than the prompt window"):
+        pred.add_prompt(1, points_xy=[[5, 5]], labels=[1], frame_idx=1)
+    with pytest.raises(PromptError, match="outside"):
+        pred.add_prompt(1, points_xy=[[500, 5]], labels=[1])
+    assert pred.obj_ids == []  # a refused prompt leaves no object behind
+
+
+def test_state_dict_resumes_exactly(family_model: torch.nn.Module) -> None:
+    images = frames(12)
+    a = make_predictor(family_model)
+    for t, image in enumerate(images[:6]):
+        a.track(image)
+        if t == 0:
+            a.add_prompt(1, points_xy=[[60, 50]], labels=[1])
+    b = make_predictor(family_model)
+    b.load_state_dict(a.state_dict())
+    for image in images[6:]:
+        ra, rb = a.track(image), b.track(image)
+        assert np.array_equal(ra.objects[1].logits_hw, rb.objects[1].logits_hw)
+
+
+def test_corrections_as_cond_promotes_the_correction(family_model: torch.nn.Module) -> None:
+    pred = make_predictor(family_model, corrections_as_cond=True)
+    for t, image in enumerate(frames(6)):
+        pred.track(image)
+        if t == 0:
+            pred.add_prompt(1, points_xy=[[60, 50]], labels=[1])
+    pred.add_prompt(1, points_xy=[[70, 50]], labels=[1])
+    assert sorted(pred.session.output_dict_per_obj[0]["cond_frame_outputs"]) == [0, 5]
+
+
+def test_edgetam_config_is_repvit_and_the_default_is_refused() -> None:
+    import transformers
+
+    edgetam = FAMILIES["edgetam"]
+    net = edgetam.model_class()(edgetam.config(image_size=256, reduced=True))
+    edgetam.check_architecture(net)
+    assert type(net.vision_encoder.backbone.timm_model.stem).__name__ == "RepVitStem"
+    hiera = edgetam.model_class()(transformers.EdgeTamVideoConfig(image_size=256))
+    with pytest.raises(ModelConfigError, match="Hiera"):
+        edgetam.check_architecture(hiera)
+
+
+def test_sam3_tracker_is_the_perception_encoder() -> None:
+    sam3 = FAMILIES["sam3-tracker"]
+    net = sam3.model_class()(sam3.config(reduced=True))
+    sam3.check_architecture(net)
+    assert type(net.vision_encoder.backbone).__name__ == "Sam3ViTModel"
+    with pytest.raises(ModelConfigError, match="multiple of"):
+        sam3.config(image_size=1000)

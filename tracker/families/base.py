@@ -1,0 +1,81 @@
+"""What a model family served through Hugging Face transformers must say about
+itself: its classes, its configs (official and reduced for tests), how to check
+that what was built is really that architecture, where its checkpoint lives and
+under which licence. Everything else (streaming, pruning, prompts, snapshots) is
+the same for every such family and lives in :mod:`tracker.families.hf_video`.
+
+A new family is one file beside ``edgetam.py`` that subclasses :class:`HFFamily`
+and is listed in :mod:`tracker.families`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from tracker.errors import ModelConfigError
+
+#: what to tell a user whose Python has no transformers
+EXTRA_HINT = "install the optional models extra: pip install -e '.[models]' (transformers 5.23, timm)"
+
+
+def require_transformers() -> Any:
+    """transformers, or a clear error naming the extra that brings it."""
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - the extra is installed by the README's commands
+        raise ModelConfigError(f"this model family runs through Hugging Face transformers: {EXTRA_HINT}") from e
+    return transformers
+
+
+class HFFamily(ABC):
+    """One transformers video model family (a ``*VideoModel`` with an inference session)."""
+
+    #: the name users pick (``--model``), also the checkpoint registry's name
+    name: str = ""
+    #: how the README and ``hello`` call it
+    title: str = ""
+    #: the resolution the official weights were trained at
+    image_size: int = 1024
+    #: image sizes must be a multiple of this (the backbone's total stride)
+    size_multiple: int = 32
+    #: one line for the model table
+    licence: str = ""
+
+    @abstractmethod
+    def model_class(self) -> type: ...
+
+    @abstractmethod
+    def session_class(self) -> type: ...
+
+    @abstractmethod
+    def config(self, *, image_size: int | None = None, reduced: bool = False) -> Any:
+        """The official architecture's config (``reduced``: the same architecture
+        with fewer, narrower layers, for tests), at ``image_size``."""
+
+    @abstractmethod
+    def resize_config(self, config: Any, image_size: int) -> None:
+        """Set every size that follows from the input resolution."""
+
+    @abstractmethod
+    def processor(self, image_size: int) -> Any:
+        """The family's processor (frame preprocessing, prompt coordinates, mask
+        post-processing) at ``image_size``."""
+
+    @abstractmethod
+    def check_architecture(self, model: torch.nn.Module) -> None:
+        """Raise :class:`ModelConfigError` when ``model`` is not this family's
+        architecture (e.g. a config that silently built another backbone)."""
+
+    def check_image_size(self, image_size: int) -> int:
+        if image_size % self.size_multiple != 0 or image_size < 2 * self.size_multiple:
+            raise ModelConfigError(
+                f"image_size {image_size} does not fit {self.title}: it must be a multiple of {self.size_multiple} "
+                f"(the official weights use {self.image_size})"
+            )
+        return int(image_size)
+
+    def info(self) -> dict[str, Any]:
+        return {"family": self.title, "image_size": self.image_size, "licence": self.licence, "via": "transformers"}
