@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from tracker.errors import MaskError, PromptError, SourceError, TrackerError
+from tracker.families import make_predictor, obj_ptr_window
 from tracker.predictor import PreparedFrame, StreamingPredictor
 from tracker.probe import SourceProbe
 from tracker.prompts import check_prompt
@@ -274,8 +275,9 @@ def annotate(
 
     from tracker.ingest import open_source
 
-    predictor = StreamingPredictor(
+    predictor = make_predictor(
         model,
+        offline=True,
         max_prompt_frames=2,
         max_cond_frames=max(2, len(plan.prompts_by_frame) + 1),
         keep_for_reverse=True,
@@ -285,7 +287,7 @@ def annotate(
     # pass 1: the prompted frames, and the length of a video shorter than the
     # object-pointer window (Meta's window is min(num_frames, 16) frames: a short
     # clip's results depend on its exact length, which only decoding tells)
-    window = int(model.max_obj_ptrs_in_encoder)
+    window = obj_ptr_window(model)
     prompt_frames, count = _read_frames(
         open_source, video, set(plan.prompts_by_frame), upto=max(max(plan.prompts_by_frame) + 1, window)
     )
