@@ -583,11 +583,14 @@ class TrackingServer:
 
     def model_info(self, name: str) -> ModelInfo:
         net = self.models[name]
+        family = getattr(net, "stream_family", None)
         return ModelInfo(
             name=name,
             image_size=int(net.image_size),
             device=str(next(net.parameters()).device),
             precision=model_precision(net),
+            family=family.title if family is not None else "SAM 2",
+            licence=family.licence if family is not None else "Apache-2.0",
         )
 
     def features(self) -> list[str]:

@@ -552,6 +552,9 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     image_size: int
     device: str
     precision: str = "auto"  # the autocast it runs under (tracker.model.PRECISIONS)
+    #: the model family ("SAM 2", "EdgeTAM", "SAM 3 tracker") and where it runs from
+    family: str = "SAM 2"
+    licence: str = ""
 
 
 class LimitsInfo(msgspec.Struct, kw_only=True):

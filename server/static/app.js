@@ -130,7 +130,7 @@ function connect() {
       const models = hello.models || [];
       $("model").replaceChildren(
         new Option("default model", ""),
-        ...models.map((m) => new Option(`${m.name} (${m.image_size} px, ${m.device})`, m.name)),
+        ...models.map((m) => new Option(`${m.name} (${m.family || "SAM 2"}, ${m.image_size} px, ${m.device})`, m.name)),
       );
       $("model").hidden = models.length < 2;
       updateControls();
