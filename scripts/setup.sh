@@ -38,6 +38,6 @@ if ! "$VENV/bin/python" -c "import sam2" 2>/dev/null; then
     pip install -q "setuptools>=61" wheel
     SAM2_BUILD_CUDA=0 pip install -q --no-build-isolation sam2==1.1.0
 fi
-echo "setup: installing sam2-stream and its dependencies"
-pip install -q --no-build-isolation -e ".[dev]"
+echo "setup: installing sam2-stream, its dependencies and the optional extras (models, ray) the tests cover"
+pip install -q --no-build-isolation -e ".[dev,models,ray]"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, sam2, av; print("torch", torch.__version__, "av", av.__version__)'))"
