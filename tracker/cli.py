@@ -90,8 +90,17 @@ def merge_prompts(args: Sequence[PromptArg]) -> dict[int, PromptArg]:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="sam2.1-tiny", help="sam2.1-tiny|small|base-plus|large, sam2-*, or a sam2 config path")
-    p.add_argument("--checkpoint", help="a .pt file in Meta's format (default: the official one, downloaded once to the cache)")
+    p.add_argument(
+        "--model",
+        default="sam2.1-tiny",
+        help="sam2.1-tiny|small|base-plus|large, sam2-*, a sam2 config path (Meta's SAM 2 code); "
+        "edgetam (EdgeTAM, fast on CPUs) or sam3-tracker (SAM 3's tracker) through transformers: pip install -e '.[models]'",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="a .pt file in Meta's format, or for edgetam/sam3-tracker a folder in transformers' format "
+        "(default: the official one, downloaded once to the cache)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--image-size", type=int, default=None, help="model input size (1024 as trained; 512/256 are faster)")
     p.add_argument(
