@@ -48,7 +48,8 @@ import torch
 
 from tracker.errors import MaskError, PromptError, SourceError, TrackerError
 from tracker.families import make_predictor, obj_ptr_window
-from tracker.predictor import PreparedFrame, StreamingPredictor
+from tracker.predictor import PreparedFrame
+from tracker.predictor_api import Predictor
 from tracker.probe import SourceProbe
 from tracker.prompts import check_prompt
 from tracker.results import FrameResult, ObjectResult
@@ -470,7 +471,7 @@ class _Ahead:
 
 
 def _read_ahead(
-    open_source: Any, video: str, predictor: StreamingPredictor, wanted: Callable[[int], bool]
+    open_source: Any, video: str, predictor: Predictor, wanted: Callable[[int], bool]
 ) -> Iterator[_Ahead]:
     """Decode ``video`` and resize the ``wanted`` frames (run by :func:`_on_thread`).
 
@@ -485,7 +486,7 @@ def _read_ahead(
 
 
 def _stored_frames(
-    store: _FrameStore, predictor: StreamingPredictor, order: range
+    store: _FrameStore, predictor: Predictor, order: range
 ) -> Iterator[tuple[int, PreparedFrame, float | None]]:
     """The backward pass's frames, read back from the frame store in ``order``."""
     for idx in order:
@@ -556,7 +557,7 @@ def _validate_prompts(plan: _Plan, size_of: Callable[[int], tuple[int, int]]) ->
     return masks
 
 
-def _save_state(path: Path, predictor: StreamingPredictor, phase: str, frame_idx: int, partial: dict) -> None:
+def _save_state(path: Path, predictor: Predictor, phase: str, frame_idx: int, partial: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {"phase": phase, "frame_idx": frame_idx, "predictor": predictor.state_dict(), "partial": partial}, tmp

@@ -165,7 +165,7 @@ def cmd_track(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from tracker.ingest import open_source
-    from tracker.predictor import StreamingPredictor
+    from tracker.families import make_predictor
     from tracker.probe import check_points, probe_source
 
     prompts = merge_prompts(args.prompt or [])
@@ -180,7 +180,7 @@ def cmd_track(args: argparse.Namespace) -> int:
     probe = probe_source(args.source, count_frames=not args.max_frames, **options)
     check_points(probe.size_hw, prompt_checks(prompts, "on frame 0"))
     model = build_model_from_args(args)
-    predictor = StreamingPredictor(model)
+    predictor = make_predictor(model)
     every_frame = probe.is_local and options.get("mode", "file") == "file"
     total = probe.frame_count if every_frame else None
     if args.max_frames:

@@ -1,6 +1,6 @@
 """Live tracking sessions and the inference worker that runs them.
 
-A :class:`TrackingSession` is one source + one :class:`StreamingPredictor` + its
+A :class:`TrackingSession` is one source + one predictor (:mod:`tracker.predictor_api`) + its
 objects. Its reader thread takes the source's newest frame and leaves it in a
 one-slot mailbox (a newer frame replaces an unprocessed one: lag never grows).
 
@@ -50,7 +50,7 @@ import torch
 
 from tracker.errors import SourceError, TrackerError
 from tracker.families import make_predictor
-from tracker.predictor import StreamingPredictor
+from tracker.predictor_api import Predictor
 from tracker.prompts import OBJ_ID_MAX, OBJ_ID_MIN, check_obj_id
 from tracker.results import FrameResult, ObjectResult
 
@@ -141,7 +141,7 @@ class TrackingSession:
     def __init__(
         self,
         source: Any,
-        predictor: StreamingPredictor,
+        predictor: Predictor,
         worker: "InferenceWorker",
         *,
         name: str = "",
@@ -455,7 +455,7 @@ class TrackingSession:
             except Exception:
                 logger.exception("session %s: moving off the GPU failed; it stays where it is", self.id)
 
-    def move_to(self, predictor: StreamingPredictor, worker: "InferenceWorker", why: str) -> bool:
+    def move_to(self, predictor: Predictor, worker: "InferenceWorker", why: str) -> bool:
         """Carry on with another predictor (holding this one's tracking state) on
         another worker. Call on the current worker's thread, between steps.
         False (and ``predictor`` closed) when the session closed meanwhile."""
@@ -822,7 +822,7 @@ class SessionManager:
         max_sessions: open sessions at most.
         limits: per-session defaults (``max_objects`` is also the ceiling a
             session's own ``max_objects`` may ask for).
-        predictor_options: ``StreamingPredictor`` keywords for every session.
+        predictor_options: predictor keywords for every session (``StreamingPredictor``'s).
         models: the models sessions may ask for by name (default: ``{"default":
             worker.model}``); the first is the default. A model on another device
             gets its own worker.
