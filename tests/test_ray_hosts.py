@@ -25,7 +25,6 @@ if not in_namespace():
         run_module_in_namespace(__file__, timeout_s=300)
 
 else:
-    import numpy as np
     import torch
 
     from tests.frames import moving_shapes, shape_centres
