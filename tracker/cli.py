@@ -396,7 +396,8 @@ def image_size_hw(path: Path) -> tuple[int, int]:
 def cmd_segment(args: argparse.Namespace) -> int:
     from tracker.masks import encode_png, encode_rle
     from tracker.probe import check_points
-    from tracker.segment import ImageSegmenter, load_rgb
+    from tracker.families.hf_image import make_segmenter
+    from tracker.segment import load_rgb
 
     prompts = merge_prompts(args.prompt or [])
     if not prompts:
@@ -412,7 +413,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise SystemExit(f"segment: {p} is not a file or folder")
     for path in paths:  # every prompt fits every image before the model loads
         check_points(image_size_hw(path), prompt_checks(prompts, f"on {path}"))
-    segmenter = ImageSegmenter(build_model_from_args(args))
+    segmenter = make_segmenter(build_model_from_args(args))
     out_dir = Path(args.out) if args.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
