@@ -425,5 +425,7 @@ def segment(
     if segmenter is None:
         if model is None:
             raise ValueError("segment needs a model or a segmenter")
-        segmenter = ImageSegmenter(model)
+        from tracker.families.hf_image import make_segmenter  # it imports this module
+
+        segmenter = make_segmenter(model)
     return segmenter.predict(segmenter.encode(load_rgb(image)), **prompt)
