@@ -45,6 +45,7 @@ from server.config import ImagesSection, ServerConfig
 from server.protocol import ProtocolError
 from tracker.embedding_cache import CacheStats, EmbeddingCache
 from tracker.errors import SourceError
+from tracker.families.hf_image import make_segmenter
 from tracker.image_input import DecodedImage, ImageInputError, ImageLimits, decode_image
 from tracker.segment import Embedded, ImageEmbedding, ImagePromptError, ImageSegmenter, PreparedImage, SegmentResult
 from tracker.session import InferenceWorker
@@ -328,7 +329,7 @@ class ImageService:
             if self._fallback is None:
                 model = _cpu_copy(self.segmenter.model)
                 worker = InferenceWorker(model, name="inference-cpu-images", max_image_batch=self.settings.max_batch)
-                self._fallback = (ImageSegmenter(model), worker)
+                self._fallback = (make_segmenter(model), worker)
             return self._fallback
 
     def _from_base64(self, data: str) -> bytes:
