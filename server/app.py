@@ -213,9 +213,9 @@ class TrackingServer:
             cfg.server.max_clients * cfg.limits.max_opens_in_flight, thread_name_prefix="sam2-stream-open"
         )
         if cfg.images.enabled:
-            from tracker.segment import ImageSegmenter
+            from tracker.families.hf_image import make_segmenter
 
-            self.images = ImageService(cfg, ImageSegmenter(self.model), self.worker, self.run_blocking)
+            self.images = ImageService(cfg, make_segmenter(self.model), self.worker, self.run_blocking)
         s = cfg.server
         origins: list[str | None] | None = [*s.allow_origins, None] if s.allow_origins else None
         try:
