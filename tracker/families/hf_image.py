@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tracker.embedding_cache import model_key
+from tracker.embedding_cache import image_digest, model_key
 from tracker.errors import FrameError, PromptError
 from tracker.masks import mask_box_xyxy
 from tracker.model import model_autocast
@@ -101,8 +101,6 @@ class HFImageSegmenter(ImageSegmenter):
         """RGB pixels → the encoder's input by the family's processor (resize to
         S x S, normalise) and the cache digest; touches no model state."""
         _check_image(image_rgb)
-        from tracker.embedding_cache import image_digest
-
         with torch.inference_mode():
             pixels = self.processor(images=image_rgb, return_tensors="pt").pixel_values[0]
         return PreparedImage(pixels.float(), (int(image_rgb.shape[0]), int(image_rgb.shape[1])), image_digest(image_rgb))
