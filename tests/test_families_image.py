@@ -308,6 +308,19 @@ def test_batch_encode_equals_one_by_one(seg, image, others, emb):
     assert _max_diff(batch[1], emb) <= 1e-5
 
 
+def test_embeddings_from_a_batch_shared_with_video_frames(family_model, seg, image, emb):
+    """The worker may run video frames (the streaming predictor's inputs) and
+    uploads through one ``get_image_features`` call."""
+    from tracker.families import make_predictor
+
+    frame = make_predictor(family_model).to_model_input(moving_shapes(1, 80, 100, seed=9)[0])
+    prepared = seg.prepare(image)
+    with torch.inference_mode():
+        out = family_model.get_image_features(torch.cat([frame, seg.model_inputs([prepared])]), return_dict=True)
+    (shared,) = seg.embeddings_from_backbone(out, [prepared], start=1)
+    assert _max_diff(shared, emb) <= 1e-5
+
+
 def test_embed_uses_the_cache_and_encodes_duplicates_once(family_model, seg, image, others, emb, monkeypatch):
     calls: list[int] = []
     orig = family_model.get_image_features
