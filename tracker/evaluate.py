@@ -764,7 +764,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument(
         "runs",
-        nargs="+",
+        nargs="*",
         metavar="[NAME=]RUN",
         help="an annotate --out folder (NAME/00000.png... or annotations.json), a DAVIS sequence folder or a COCO "
         "file; NAME= names the run in the table (default: the folder name)",
@@ -785,6 +785,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--all-frames", action="store_true", help="score the first and last ground-truth frames too (DAVIS skips them)")
     e.add_argument("--fps", action="append", type=float, metavar="FPS", help="frames/s of each run, once per run in order (default: the NAME.run.json annotate writes)")
     e.add_argument("--json", metavar="PATH", help="also write the scores as JSON here")
+    from tracker.evaluate_models import add_model_run_args
+
+    add_model_run_args(e)
     e.set_defaults(func=cmd_eval)
 
 
@@ -792,6 +795,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``sam2-stream eval``: the table on stdout, the JSON to ``--json``."""
     gt = find_ground_truth(args.gt, frames=args.frames)
     runs = []
+    if getattr(args, "models", None):
+        from tracker.evaluate_models import run_models
+
+        runs.extend(run_models(args))
+    elif not args.runs:
+        raise EvalError("name the runs to score, or give --models with --video and --prompts to make them")
     for text in args.runs:
         name, path = _split_run_arg(text)
         runs.append(find_run(path, name=name, pred_format=args.pred_format))
