@@ -81,6 +81,9 @@ def build_family_model(
         path = _checkpoint_dir(name, checkpoint, download)
         net = _load_pretrained(cls, family, path, image_size)
     family.check_architecture(net)
+    from tracker.families.hf_video import install_library_fixes
+
+    install_library_fixes(net)
     net.stream_family = family  # type: ignore[assignment]
     net.image_size = int(net.config.image_size)  # type: ignore[assignment]  # as SAM2Base has it
     net = net.to(device).eval()

@@ -45,13 +45,17 @@ class EdgeTam(HFFamily):
     def config(self, *, image_size: int | None = None, reduced: bool = False) -> Any:
         """EdgeTAM's released architecture. ``reduced`` keeps RepViT-M1 and the
         perceiver (the architecture) but narrows the memory attention's MLP and
-        the memory fuser, for fast tests."""
+        the memory fuser and shortens the memory (4 frames, 6 object pointers),
+        for fast tests."""
         tf = require_transformers()
         backbone = tf.TimmWrapperConfig(architecture=REPVIT_ARCH, model_args=dict(_REPVIT_ARGS))
         vision = tf.EdgeTamVisionConfig(backbone_config=backbone)
         extra: dict[str, Any] = {}
         if reduced:
             extra = {
+                # a shorter memory: the same model, fewer frames for a test to pass its reach
+                "num_maskmem": 4,
+                "max_object_pointers_in_encoder": 6,
                 "memory_attention_mlp_hidden_size": 256,
                 "memory_fuser_intermediate_dim": 256,
                 "perceiver_resampler_mlp_intermediate_size": 64,

@@ -61,6 +61,33 @@ def family_of(model: torch.nn.Module) -> HFFamily:
     return family
 
 
+class _MaskScoreShape:
+    """transformers 5.23's ``_use_mask_as_output`` (a mask prompt) returns object
+    scores of shape (B, 1) where the SAM head returns (B, 1, 1); a session that
+    holds other objects then fails to concatenate the frame's scores
+    (``RuntimeError: Tensors must have same number of dimensions``). This gives
+    the mask prompt's scores the head's shape; the values are unchanged (the
+    library runs one object per call, B = 1). Installed on each model by
+    :func:`install_library_fixes`; picklable, so a CPU copy keeps it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.function = type(model)._use_mask_as_output
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.function(self.model, *args, **kwargs)
+        if out.object_score_logits is not None and out.object_score_logits.dim() == 2:
+            out.object_score_logits = out.object_score_logits[:, None]
+        return out
+
+
+def install_library_fixes(model: torch.nn.Module) -> None:
+    """Work around the library's defects on this model instance (see
+    :class:`_MaskScoreShape`); the class itself is left alone."""
+    if hasattr(type(model), "_use_mask_as_output") and not isinstance(model.__dict__.get("_use_mask_as_output"), _MaskScoreShape):
+        model._use_mask_as_output = _MaskScoreShape(model)  # type: ignore[assignment]
+
+
 def _streaming_session_class(base: type) -> type:
     """The family's session with ``num_frames`` taken from the predictor: the
     library counts the frames it holds, and we hold only a window of them."""

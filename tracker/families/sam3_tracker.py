@@ -40,7 +40,7 @@ class Sam3Tracker(HFFamily):
     def config(self, *, image_size: int | None = None, reduced: bool = False) -> Any:
         """SAM 3's released tracker. ``reduced`` keeps the architecture (windowed
         ViT with global layers, FPN neck, SAM 2 heads and memory) with a narrow,
-        two-layer ViT, for fast tests."""
+        two-layer ViT and a shorter memory (4 frames, 6 object pointers), for fast tests."""
         tf = require_transformers()
         from transformers.models.sam3.configuration_sam3 import Sam3ViTConfig, Sam3VisionConfig
 
@@ -56,6 +56,8 @@ class Sam3Tracker(HFFamily):
             )
             config = tf.Sam3TrackerVideoConfig(
                 vision_config=Sam3VisionConfig(backbone_config=vit),
+                num_maskmem=4,
+                max_object_pointers_in_encoder=6,
                 memory_attention_mlp_hidden_size=256,
                 memory_fuser_intermediate_dim=256,
             )
