@@ -61,6 +61,7 @@ SPEED_HW = (480, 640)
 #: the memory part's frames and model sizes
 MEMORY_HW = (120, 160)
 MEMORY_SIZE = {"edgetam": 256, "sam2.1-tiny": 256, "sam3-tracker": 224}
+EDGETAM_MIN_SIZE = 256  # its perceiver's 2D latents are a 16 x 16 grid over the s/16 feature map
 SAM3_FULL_MEMORY_SIZE = 336  # the smallest the full tracker takes: 14-px patches, windows of 24
 
 
@@ -222,7 +223,7 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
             warmup, n_timed = (args.sam3_warmup, args.sam3_frames) if slow else (args.warmup, args.frames)
             for precision in args.sam3_precisions if slow else args.precisions:
                 net.autocast_precision = precision  # read by each new predictor
-                for n_obj in args.objects:
+                for n_obj in (args.sam3_objects or args.objects) if slow else args.objects:
                     run = SpeedRun(name, precision, n_obj, r, speed_size(name, args.image_size))
                     run.frame_ms, run.cpu_ms, run.encoder_ms = time_stream(
                         net, frames, clicks_for(n_obj, SPEED_HW), warmup, n_timed
@@ -241,8 +242,8 @@ def summarise_speed(runs: list[SpeedRun], models: list[str], args: argparse.Name
     baseline is paired within each round (same minutes, same machine load)."""
     rows = []
     for name in models:
-        for precision in args.precisions:
-            for n_obj in args.objects:
+        for precision in sorted({*args.precisions, *args.sam3_precisions}, reverse=True):
+            for n_obj in sorted({*args.objects, *(args.sam3_objects or [])}):
                 mine = [x for x in runs if (x.model, x.precision, x.objects) == (name, precision, n_obj)]
                 if not mine:
                     continue
@@ -280,7 +281,8 @@ def print_speed(result: dict[str, Any], info: dict[str, Any], args: argparse.Nam
     )
     if "sam3-tracker" in args.models:
         print(f"   sam3-tracker: {args.sam3_warmup} warm-up + {args.sam3_frames} timed frame(s), in the first {args.sam3_rounds} "
-              f"round(s), precisions {','.join(args.sam3_precisions)} (a frame at 1008 px takes minutes on this CPU)")
+              f"round(s), precisions {','.join(args.sam3_precisions)}, objects {','.join(map(str, args.sam3_objects or args.objects))} "
+              "(a frame at 1008 px takes minutes on this CPU)")
     print(f"   {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch thread(s), {bf16}; "
           f"load {info['load_avg_1m']:.1f} at the start; {info['date_utc']}")
     print("   wall: ms of track() as measured; CPU: the process's CPU ms in it (the work, without waits for a core)")
@@ -333,7 +335,8 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
             samples.append(
                 {"frame": f, "rss": proc.memory_info().rss, "s": time.perf_counter() - t0, "stored": pred.stored_entries()}
             )
-            print(f"  [{name}] frame {f}: RSS {samples[-1]['rss'] / 2**20:.1f} MiB, {samples[-1]['s']:.0f} s", file=sys.stderr, flush=True)
+            print(f"  [{name}] frame {f}: RSS {samples[-1]['rss'] / 2**20:.1f} MiB, {samples[-1]['s']:.0f} s, stored {samples[-1]['stored']}",
+                  file=sys.stderr, flush=True)
     return {
         "model": name,
         "image_size": size,
@@ -345,6 +348,18 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def memory_size(name: str, asked: int, full_sam3: bool) -> int:
+    """The memory part's image size. SAM 3's tracker: 224 (reduced) or 336
+    (full). EdgeTAM: at least 256, where its spatial perceiver's 16 x 16 grid of
+    2D latents fits the stride-16 feature map (at 128 px the library divides by
+    a zero window size)."""
+    if name == "sam3-tracker":
+        return SAM3_FULL_MEMORY_SIZE if full_sam3 else MEMORY_SIZE[name]
+    if name == "edgetam":
+        return max(EDGETAM_MIN_SIZE, asked)
+    return asked
+
+
 def bench_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One subprocess per model (its RSS is its own); ``--parallel``: all at once."""
     procs = []
@@ -352,7 +367,7 @@ def bench_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
         full_sam3 = name == "sam3-tracker" and args.sam3_full_memory
         spec = {
             "model": name,
-            "image_size": SAM3_FULL_MEMORY_SIZE if full_sam3 else (args.memory_size if name != "sam3-tracker" else MEMORY_SIZE[name]),
+            "image_size": memory_size(name, args.memory_size, full_sam3),
             "reduced": name == "sam3-tracker" and not full_sam3,
             "frames": args.memory_frames,
             "every": args.every,
@@ -441,6 +456,7 @@ def main() -> None:
     ap.add_argument("--sam3-frames", type=int, default=1, help="timed frames per sam3-tracker stream (default 1)")
     ap.add_argument("--sam3-warmup", type=int, default=0, help="sam3-tracker frames after the prompt frame before timing (default 0)")
     ap.add_argument("--sam3-rounds", type=int, default=1, help="rounds that include sam3-tracker (default 1: the first)")
+    ap.add_argument("--sam3-objects", type=_csv(int), default=None, help="sam3-tracker's object counts (default: --objects)")
     ap.add_argument("--sam3-precisions", type=_csv(str, ("fp32", "bf16")), default=["fp32"],
                     help="sam3-tracker's precisions (default fp32: emulated bf16 costs minutes per frame here)")
     ap.add_argument("--memory-frames", type=int, default=2000)

@@ -8,8 +8,8 @@ Checks, in this order (each row of the table is one figure; a failing check is
 a row saying why, the others still run; a check that would overrun
 ``--budget-s`` is a row saying it was skipped):
 
-1. ``equivalence``: each family under bf16 autocast (CUDA's; ``--smoke``: the
-   CPU's, reduced models) equals its library's own unpruned inference:
+1. ``equivalence``: each family under bf16 autocast on CUDA (``--smoke``:
+   float32 on the CPU) equals its library's own unpruned inference:
    EdgeTAM and SAM 3's tracker by the equivalence tests of
    ``tests/test_families.py`` (their ``Reference``, the transformers session
    with ``video=None``, put on the GPU under the same autocast), SAM 2.1 tiny
@@ -69,7 +69,8 @@ FAMILY_TESTS = (
     "test_correction_on_tracked_frame",
     "test_prompt_on_a_past_frame",
 )
-SMOKE_FAMILY_TESTS = ("test_one_object", "test_prompt_on_a_past_frame")
+SMOKE_FAMILY_TESTS = ("test_one_object",)
+CHECKS = ("equivalence", "speed", "multi-stream", "annotate", "compile")
 SMOKE_SIZE = {"edgetam": 256, "sam2.1-tiny": 256, "sam3-tracker": 224}
 
 
@@ -143,8 +144,9 @@ class Checker:
 
     @property
     def precision(self) -> str:
-        """bf16 autocast: CUDA's ("auto"), or the CPU's under ``--smoke``."""
-        return "auto" if self.device.type == "cuda" else "bf16"
+        """bf16 autocast on CUDA ("auto"); float32 on the CPU unless ``--precision bf16``
+        (emulated and several times slower on CPUs without AVX512-BF16/AMX)."""
+        return self.args.precision or ("auto" if self.device.type == "cuda" else "fp32")
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -153,7 +155,7 @@ class Checker:
     # ---------------------------------------------------------------- 1. equivalence
 
     def equivalence(self) -> None:
-        where = "CUDA bf16 autocast" if self.device.type == "cuda" else "CPU bf16 autocast (smoke: reduced models)"
+        where = "CUDA bf16 autocast" if self.device.type == "cuda" else f"CPU {self.precision}"
         for name in FAMILY_MODELS:
             self.guarded("equivalence", name, where, 20 if self.smoke else 40, lambda name=name: self._family_equivalence(name, where))
         self.guarded("equivalence", "sam2.1-tiny", where + ", vs Meta's predictor", 20, lambda: self._sam2_equivalence(where))
@@ -244,7 +246,9 @@ class Checker:
 
     def frames_per_s(self, net: torch.nn.Module, n_timed: int, warmup: int) -> float:
         frames = _frames(1 + warmup + n_timed)
-        times, _ = bench_families.time_stream(net, frames, bench_families.clicks_for(1, bench_families.SPEED_HW), warmup, n_timed)
+        times, _, _ = bench_families.time_stream(
+            net, frames, bench_families.clicks_for(1, bench_families.SPEED_HW), warmup, n_timed
+        )
         return 1000 / float(np.median(times))
 
     def speed(self) -> None:
@@ -333,9 +337,14 @@ class Checker:
     # ---------------------------------------------------------------- run
 
     def run(self) -> None:
-        for part in (self.equivalence, self.speed, self.multistream, self.annotate, self.compiled):
-            part()
-            self.models_sync_free()
+        parts = {"equivalence": self.equivalence, "speed": self.speed, "multi-stream": self.multistream,
+                 "annotate": self.annotate, "compile": self.compiled}
+        for name, part in parts.items():
+            if name in self.args.checks:
+                part()
+                self.models_sync_free()
+            else:
+                self.add(name, "all", "", "NOT RUN", "not in --checks")
 
     def models_sync_free(self) -> None:
         self.sync()
@@ -427,20 +436,28 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting checks after this (default 420; smoke 170)")
     ap.add_argument("--frames", type=int, default=None, help="timed frames per speed figure (default 30; smoke 2)")
-    ap.add_argument("--streams", type=int, default=4, help="sessions of the multi-stream check")
-    ap.add_argument("--stream-steps", type=int, default=None, help="timed steps of the multi-stream check (default 20; smoke 2)")
+    ap.add_argument("--streams", type=int, default=None, help="sessions of the multi-stream check (default 4; smoke 2)")
+    ap.add_argument("--stream-steps", type=int, default=None, help="timed steps of the multi-stream check (default 20; smoke 1)")
     ap.add_argument("--annotate-frames", type=int, default=400)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                    help="default: auto (bf16 autocast on CUDA), fp32 on the CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --smoke)")
+    ap.add_argument("--checks", type=lambda t: [c.strip() for c in t.split(",")], default=list(CHECKS),
+                    help=f"comma-separated subset of {','.join(CHECKS)} (default: all)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("device_check").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    unknown = sorted(set(args.checks) - set(CHECKS))
+    if unknown:
+        ap.error(f"--checks: unknown check {unknown[0]!r}; use some of {', '.join(CHECKS)}")
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     args.threads = args.threads if args.threads is not None else (1 if args.smoke else 0)
     args.budget_s = args.budget_s or (170.0 if args.smoke else 420.0)
     args.frames = args.frames or (2 if args.smoke else 30)
-    args.stream_steps = args.stream_steps or (2 if args.smoke else 20)
+    args.stream_steps = args.stream_steps or (1 if args.smoke else 20)
+    args.streams = args.streams or (2 if args.smoke else 4)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("device_check: CUDA is not available on this machine; run with --smoke for the CPU check", file=sys.stderr)
         return 2
@@ -454,8 +471,9 @@ def main() -> int:
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"device_check: {header}", flush=True)
     if args.smoke:
-        print("device_check: --smoke: bf16 autocast is the CPU's (emulated without AVX512-BF16/AMX), models are small, "
-              "SAM 3's tracker is its reduced variant, torch.compile is skipped (CUDA only)", flush=True)
+        print("device_check: --smoke: float32 on the CPU (bf16 autocast is CUDA's; --precision bf16 for the CPU's), "
+              "small models (SAM 3's tracker: its reduced variant), one equivalence scenario per family, "
+              "torch.compile skipped (CUDA only)", flush=True)
     checker.run()
     print_table(checker.rows, header + f", {time.perf_counter() - t0:.0f} s")
     if args.json:
