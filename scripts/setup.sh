@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-apt_pkgs=(ffmpeg openssl chromium fonts-dejavu-core gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-base
+# iproute2 and util-linux: the Ray tests run in a loopback-only network namespace (unshare -n, ip link)
+apt_pkgs=(ffmpeg openssl iproute2 util-linux chromium fonts-dejavu-core gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-base
           gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav)
 if [ "${SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null 2>&1; then
     missing=()

@@ -14,7 +14,9 @@ around its calls keeps only what the model can still attend to:
   library reads memories from the ``num_maskmem - 1`` previous frames and
   object pointers from the previous ``max_object_pointers_in_encoder - 1``);
 * conditioning outputs capped per object (the first prompt plus the most
-  recent; the library attends to all of them when ``max_cond_frame_num`` is -1);
+  recent): the library attends to all of them when ``max_cond_frame_num`` is
+  -1, so outputs equal its own while an object has at most
+  ``max_cond_frames`` prompted frames (as for SAM 2 in ``tracker.predictor``);
 * image features of the prompt window only (:class:`tracker.prompt_window.PromptWindow`),
   pixels never (features are cached before the library would need them), and
   no full-resolution masks once the step that encoded them into memory is over.
@@ -187,17 +189,20 @@ class HFVideoPredictor:
 
     @property
     def obj_ids(self) -> list[int]:
-        if self.independent_objects:
-            return list(self._per_object)
-        return list(self.session.obj_ids)
+        with self._lock:
+            if self.independent_objects:
+                return list(self._per_object)
+            return list(self.session.obj_ids)
 
     @property
     def newest_frame_idx(self) -> int | None:
-        return self.window.newest
+        with self._lock:
+            return self.window.newest
 
     @property
     def prompt_frames(self) -> list[int]:
-        return list(self.window)
+        with self._lock:
+            return list(self.window)
 
     def stored_entries(self) -> dict[str, int]:
         """How many per-frame things are held (the bounded-memory claim, observable)."""
@@ -309,7 +314,14 @@ class HFVideoPredictor:
             if not sessions:
                 return self._frame_result(entry, [], [])
             streaming = self.num_frames == _STREAM_NUM_FRAMES and not reverse and frame_idx == self._next_frame_idx - 1
-            outs = [self._forward(s, frame_idx, reverse=reverse, streaming=streaming) for s in sessions]
+            outs = []
+            for s in sessions:
+                before = _session_state(s)
+                try:
+                    outs.append(self._forward(s, frame_idx, reverse=reverse, streaming=streaming))
+                except BaseException:
+                    _load_session(s, before)  # a failed step (out of memory...) leaves no half-written frame
+                    raise
             self._prune(frame_idx, reverse=reverse)
             return self._frame_result(entry, outs, wanted)
 
@@ -339,41 +351,41 @@ class HFVideoPredictor:
                     "send it with clear_old_points true"
                 )
             known = obj_id in self.obj_ids
-            session = self._session_of(obj_id, create=True)
             if checked.mask_hw is None:
                 clicks = len(checked.labels)
                 if not clear_old_points and known:
-                    old = session.point_inputs_per_obj[session.obj_id_to_idx(obj_id)].get(frame_idx)
+                    s = self._session_of(obj_id)
+                    old = s.point_inputs_per_obj[s.obj_id_to_idx(obj_id)].get(frame_idx)
                     if old is not None:
                         clicks += int((old["point_labels"] < 2).sum())
-                try:
-                    check_point_budget(self.max_points_per_frame, obj_id, frame_idx, clicks, clear_old_points)
-                except PromptError:
-                    if not known:
-                        self._drop_object(obj_id)
-                    raise
-            obj_idx = session.obj_id_to_idx(obj_id)  # adds the object (the library's way)
+                check_point_budget(self.max_points_per_frame, obj_id, frame_idx, clicks, clear_old_points)
+            session = self._session_of(obj_id, create=True)
+            before = _session_state(session)
+            newest = self.newest_frame_idx
             try:
+                obj_idx = session.obj_id_to_idx(obj_id)  # adds the object (the library's way)
                 self._add_inputs(session, frame_idx, obj_id, entry.source_hw, checked, clear_old_points)
                 was_tracked = frame_idx in session.frames_tracked_per_obj[obj_idx]
                 out = self._forward(session, frame_idx, reverse=False, streaming=False)
-            except Exception:
-                if not known:
-                    self._drop_object(obj_id)
+                if was_tracked and self.corrections_as_cond:
+                    od = session.output_dict_per_obj[obj_idx]
+                    if frame_idx in od["non_cond_frame_outputs"]:
+                        od["cond_frame_outputs"][frame_idx] = od["non_cond_frame_outputs"].pop(frame_idx)
+                self._cap_cond_frames(session, obj_idx)
+                result = self._object_results(entry, [out], [obj_id], is_prompted=True)[obj_id]
+                if newest is not None and frame_idx < newest:
+                    for t in range(frame_idx + 1, newest + 1):
+                        self._forward(session, t, reverse=False, streaming=False)
+                        self.stats.catch_up_frames += 1
+            except BaseException:
+                # a failed prompt changes nothing: the session as it was (a new
+                # object gone, a known one with its old inputs and outputs)
+                _load_session(session, before)
+                if not known and self.independent_objects:
+                    self._per_object.pop(obj_id, None)
                 raise
             self._first_frame[obj_id] = min(self._first_frame.get(obj_id, frame_idx), frame_idx)
-            if was_tracked and self.corrections_as_cond:
-                od = session.output_dict_per_obj[obj_idx]
-                if frame_idx in od["non_cond_frame_outputs"]:
-                    od["cond_frame_outputs"][frame_idx] = od["non_cond_frame_outputs"].pop(frame_idx)
-            self._cap_cond_frames(session, obj_idx)
             self.stats.prompts += 1
-            result = self._object_results(entry, [out], [obj_id], is_prompted=True)[obj_id]
-            newest = self.newest_frame_idx
-            if newest is not None and frame_idx < newest:
-                for t in range(frame_idx + 1, newest + 1):
-                    self._forward(session, t, reverse=False, streaming=False)
-                    self.stats.catch_up_frames += 1
             self._prune(newest if newest is not None else frame_idx)
             return result
 
@@ -697,17 +709,30 @@ class HFVideoPredictor:
 _PER_OBJECT_TABLES = ("point_inputs_per_obj", "mask_inputs_per_obj", "output_dict_per_obj", "frames_tracked_per_obj")
 
 
+def _copy_table(name: str, table: dict) -> dict:
+    """A table's structure copied (the library replaces per-frame entries, never
+    changes stored tensors in place, so this is a snapshot)."""
+    if name == "output_dict_per_obj":
+        return {key: dict(frames) for key, frames in table.items()}
+    return dict(table)
+
+
 def _session_state(s: Any) -> dict[str, Any]:
+    """A session's tracking state, detached from the session (later steps and
+    pruning do not change it): for snapshots, and to undo a failed step."""
     n = len(s.obj_ids)
     return {
         "obj_ids": list(s.obj_ids),
-        **{name: [getattr(s, name)[i] for i in range(n)] for name in _PER_OBJECT_TABLES},
+        **{name: [_copy_table(name, getattr(s, name)[i]) for i in range(n)] for name in _PER_OBJECT_TABLES},
         "obj_with_new_inputs": list(s.obj_with_new_inputs),
         "video_hw": (s.video_height, s.video_width),
     }
 
 
 def _load_session(s: Any, state: dict[str, Any]) -> Any:
+    s.reset_tracking_data()
+    if s.processed_frames:
+        s.processed_frames.clear()
     for i, obj_id in enumerate(state["obj_ids"]):
         s.obj_id_to_idx(int(obj_id))
         for name in _PER_OBJECT_TABLES:
