@@ -174,9 +174,11 @@ def test_object_added_mid_stream_and_removed(family_model: torch.nn.Module) -> N
     script = {
         0: [{"obj_id": 1, "points": [[60, 50]], "labels": [1]}],
         5: [{"obj_id": 7, "box": [90, 20, 150, 80]}],
+        # after the removal: a correction of the remaining object, and a new one
+        11: [{"obj_id": 7, "points": [[120, 50]], "labels": [1]}, {"obj_id": 9, "points": [[30, 90]], "labels": [1]}],
     }
     pred, _ = run_both(family_model, script, removals={9: 1})
-    assert pred.obj_ids == [7]
+    assert pred.obj_ids == [7, 9]
     assert_bounded(pred)
 
 
@@ -198,9 +200,11 @@ def test_prompt_on_a_past_frame(family_model: torch.nn.Module) -> None:
             {"obj_id": 2, "points": [[120, 40]], "labels": [1], "frame": 6},
             {"obj_id": 1, "points": [[65, 52]], "labels": [1], "frame": 7},
         ],
+        # late in the stream, with old outputs already pruned
+        12: [{"obj_id": 2, "points": [[110, 45]], "labels": [1], "frame": 10}],
     }
     pred, _ = run_both(family_model, script)
-    assert pred.stats.catch_up_frames == 2 + 1
+    assert pred.stats.catch_up_frames == 2 + 1 + 2
     assert_bounded(pred)
 
 
@@ -213,6 +217,40 @@ def test_prompt_outside_the_window_is_refused(family_model: torch.nn.Module) -> 
     with pytest.raises(PromptError, match="outside"):
         pred.add_prompt(1, points_xy=[[500, 5]], labels=[1])
     assert pred.obj_ids == []  # a refused prompt leaves no object behind
+
+
+def test_a_failed_step_or_prompt_changes_nothing(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory half-way through the library's step (outputs stored, memory
+    not yet encoded): the session is as before, and tracking goes on exactly as
+    if the failed calls had never been made."""
+    images = frames(10)
+    a, b = make_predictor(family_model), make_predictor(family_model)
+    for t, image in enumerate(images[:4]):
+        for p in (a, b):
+            p.track(image)
+            if t == 0:
+                p.add_prompt(1, points_xy=[[60, 50]], labels=[1])
+    before = a.state_dict()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(family_model, "_encode_new_memory", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        a.add_prompt(2, points_xy=[[120, 40]], labels=[1])  # a new object
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        a.add_prompt(1, points_xy=[[70, 50]], labels=[1], frame_idx=2)  # a correction, with catch-up
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        a.track(images[4])  # a step
+    monkeypatch.undo()
+    assert a.obj_ids == [1]
+    after = a.state_dict()
+    assert after["sessions"][0]["obj_with_new_inputs"] == before["sessions"][0]["obj_with_new_inputs"]
+    assert after["sessions"][0]["point_inputs_per_obj"][0].keys() == before["sessions"][0]["point_inputs_per_obj"][0].keys()
+    b.encode(4, images[4])  # frame 4 was seen (encoded) by a as well
+    for t, image in enumerate(images[5:], start=5):
+        ra, rb = a.track(image), b.track(image)
+        assert np.array_equal(ra.objects[1].logits_hw, rb.objects[1].logits_hw), t
 
 
 def test_state_dict_resumes_exactly(family_model: torch.nn.Module) -> None:
