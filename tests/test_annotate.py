@@ -199,8 +199,8 @@ def test_prepared_frame_encodes_like_the_array(model, clip):
     assert str(err.value) == "prepared frame is 64x64, this model takes 256x256: prepare it with this predictor"
     fa, fb = a._frames[0], b._frames[0]
     assert fa.source_hw == fb.source_hw == (H, W)
-    assert len(fa.backbone_fpn) == len(fb.backbone_fpn)
-    for x, y in zip(fa.backbone_fpn, fb.backbone_fpn):
+    assert len(fa.payload) == len(fb.payload)  # the frame's backbone_fpn
+    for x, y in zip(fa.payload, fb.payload):
         assert torch.equal(x, y)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -39,6 +38,8 @@ from PIL import Image
 
 from tracker.errors import FrameError, FrameNotAvailableError, PromptError
 from tracker.model import autocast_context, model_precision
+from tracker.predictor_shared import StreamingMethods, check_rgb_frame
+from tracker.prompt_window import PromptWindow, WindowFrame, check_point_budget
 from tracker.prompts import check_obj_id, check_prompt
 from tracker.results import FrameResult, ObjectResult, mask_box_xyxy
 
@@ -65,18 +66,6 @@ class PreparedFrame:
     image: np.ndarray  # S x S x 3 uint8 RGB
     pixels: torch.Tensor  # ``image`` as a tensor (a pinned copy when the model is on CUDA)
     source_size: tuple[int, int]  # (height, width) before the resize
-
-
-@dataclass
-class _FrameEntry:
-    """One processed frame in the prompt window."""
-
-    frame_idx: int
-    source_hw: tuple[int, int]
-    pts_s: float | None
-    arrival_s: float | None
-    source_index: int | None
-    backbone_fpn: list[torch.Tensor]  # batch 1, as returned by forward_image
 
 
 @dataclass
@@ -129,7 +118,7 @@ def _to_device(value: Any, device: torch.device, key: str = "") -> Any:
     return value
 
 
-class StreamingPredictor:
+class StreamingPredictor(StreamingMethods):
     """Track prompted objects through frames that arrive one at a time.
 
     Args:
@@ -189,9 +178,6 @@ class StreamingPredictor:
         self.device: torch.device = next(model.parameters()).device
         self.precision = model_precision(model)
         self.image_size: int = int(model.image_size)
-        self.prompt_window_s = float(prompt_window_s)
-        self.max_prompt_frames = max(1, int(max_prompt_frames))
-        self.min_prompt_frames = max(1, min(int(min_prompt_frames), self.max_prompt_frames))
         if int(max_points_per_frame) < 1:
             raise ValueError("max_points_per_frame must be at least 1")
         self.max_points_per_frame = int(max_points_per_frame)
@@ -211,7 +197,11 @@ class StreamingPredictor:
         self._mean = torch.tensor(_IMG_MEAN, dtype=torch.float32, device=self.device)[:, None, None]
         self._std = torch.tensor(_IMG_STD, dtype=torch.float32, device=self.device)[:, None, None]
         self.stats = PredictorStats()
-        self._frames: OrderedDict[int, _FrameEntry] = OrderedDict()
+        #: the frames a prompt may name, each with its image features (``payload``:
+        #: ``forward_image``'s ``backbone_fpn``, batch 1)
+        self._frames = PromptWindow(
+            prompt_window_s=prompt_window_s, max_prompt_frames=max_prompt_frames, min_prompt_frames=min_prompt_frames
+        )
         self._objects: dict[int, _ObjectState] = {}
         self._pending: set[tuple[int, int]] = set()  # (obj_id, frame_idx) awaiting memory encoding
         self._vision_pos_enc: list[torch.Tensor] | None = None
@@ -225,8 +215,20 @@ class StreamingPredictor:
         return list(self._objects)
 
     @property
+    def prompt_window_s(self) -> float:
+        return self._frames.prompt_window_s
+
+    @property
+    def max_prompt_frames(self) -> int:
+        return self._frames.max_prompt_frames
+
+    @property
+    def min_prompt_frames(self) -> int:
+        return self._frames.min_prompt_frames
+
+    @property
     def newest_frame_idx(self) -> int | None:
-        return next(reversed(self._frames)) if self._frames else None
+        return self._frames.newest
 
     @property
     def prompt_frames(self) -> list[int]:
@@ -240,31 +242,6 @@ class StreamingPredictor:
             non_cond = sum(len(o.output_dict["non_cond_frame_outputs"]) for o in self._objects.values())
             points = sum(len(o.point_inputs) for o in self._objects.values())
             return {"frames": len(self._frames), "cond": cond, "non_cond": non_cond, "points": points}
-
-    @torch.inference_mode()
-    def track(
-        self,
-        image_rgb: np.ndarray | torch.Tensor,
-        *,
-        pts_s: float | None = None,
-        arrival_s: float | None = None,
-        source_index: int | None = None,
-        source_size: tuple[int, int] | None = None,
-    ) -> FrameResult:
-        """Take the next frame, track every object on it, return their masks.
-
-        Args:
-            image_rgb: H x W x 3 uint8 RGB (numpy or torch).
-            pts_s / arrival_s / source_index: carried into the result.
-            source_size: (height, width) the frame had before any resize on
-                decode; masks and prompt coordinates use it. Default: image size.
-        """
-        with self._lock:
-            frame_idx = self._next_frame_idx
-            self.encode(
-                frame_idx, image_rgb, pts_s=pts_s, arrival_s=arrival_s, source_index=source_index, source_size=source_size
-            )
-            return self.propagate(frame_idx)
 
     @torch.inference_mode()
     def encode(
@@ -411,7 +388,7 @@ class StreamingPredictor:
                     }
             if point_inputs is not None:
                 clicks = int((point_inputs["point_labels"] < 2).sum())  # labels 2 and 3 are box corners
-                self._check_point_budget(obj_id, frame_idx, clicks, clear_old_points)
+                check_point_budget(self.max_points_per_frame, obj_id, frame_idx, clicks, clear_old_points)
             prev_out = obj.output_on(frame_idx)
             is_init_cond_frame = not (obj.first_frame_idx <= frame_idx <= obj.tracked_upto)
             prev_logits = None
@@ -442,33 +419,6 @@ class StreamingPredictor:
             if newest is not None and frame_idx < newest:
                 self._catch_up(obj, frame_idx + 1, newest)
             return result
-
-    def add_points(
-        self,
-        obj_id: int,
-        points_xy: Sequence[Sequence[float]] | np.ndarray,
-        labels: Sequence[int] | np.ndarray,
-        *,
-        frame_idx: int | None = None,
-        clear_old_points: bool = True,
-    ) -> ObjectResult:
-        return self.add_prompt(
-            obj_id, points_xy=points_xy, labels=labels, frame_idx=frame_idx, clear_old_points=clear_old_points
-        )
-
-    def add_box(
-        self,
-        obj_id: int,
-        box_xyxy: Sequence[float],
-        *,
-        points_xy: Sequence[Sequence[float]] | None = None,
-        labels: Sequence[int] | None = None,
-        frame_idx: int | None = None,
-    ) -> ObjectResult:
-        return self.add_prompt(obj_id, box_xyxy=box_xyxy, points_xy=points_xy, labels=labels, frame_idx=frame_idx)
-
-    def add_mask(self, obj_id: int, mask_hw: np.ndarray, *, frame_idx: int | None = None) -> ObjectResult:
-        return self.add_prompt(obj_id, mask_hw=mask_hw, frame_idx=frame_idx)
 
     def finalize_prompts(self) -> None:
         """Encode the memories of prompted frames now (else done before the next
@@ -542,17 +492,8 @@ class StreamingPredictor:
         Split from the rest of preprocessing so offline users can keep frames at
         model size (a few hundred KiB each) instead of decoded size.
         """
-        if isinstance(image_rgb, torch.Tensor):
-            image_rgb = image_rgb.detach().cpu().numpy()
-        if not isinstance(image_rgb, np.ndarray):
-            raise FrameError(f"frame must be a numpy array or torch tensor, got {type(image_rgb).__name__}")
-        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-            raise FrameError(f"frame must be H x W x 3 RGB, got shape {tuple(image_rgb.shape)}")
-        if image_rgb.dtype != np.uint8:
-            raise FrameError(f"frame must be uint8 RGB, got dtype {image_rgb.dtype}")
+        image_rgb = check_rgb_frame(image_rgb)
         h, w = image_rgb.shape[:2]
-        if h < 1 or w < 1:
-            raise FrameError(f"frame is empty: shape {tuple(image_rgb.shape)}")
         s = self.image_size
         if (h, w) == (s, s):
             return np.array(image_rgb)
@@ -608,57 +549,24 @@ class StreamingPredictor:
         if self._vision_pos_enc is None:
             # positional encodings depend on the feature sizes only: keep one copy
             self._vision_pos_enc = [p[:1] for p in backbone_out["vision_pos_enc"]]
-        arrival = arrival_s if arrival_s is not None else time.time()
-        self._frames[frame_idx] = _FrameEntry(
-            frame_idx=frame_idx,
-            source_hw=source_hw,
+        self._frames.add(
+            frame_idx,
+            source_hw,
             pts_s=pts_s,
-            arrival_s=arrival,
+            arrival_s=arrival_s,
             source_index=source_index,
-            backbone_fpn=list(backbone_out["backbone_fpn"]),
+            payload=list(backbone_out["backbone_fpn"]),
         )
-        # keep the prompt window: by count, and by time (source pts, else arrival),
-        # but never fewer than the last min_prompt_frames (the frames on screen)
-        while len(self._frames) > self.max_prompt_frames:
-            self._frames.popitem(last=False)
-        newest_t = pts_s if pts_s is not None else arrival
-        key = "pts_s" if pts_s is not None else "arrival_s"
-        while len(self._frames) > self.min_prompt_frames:
-            oldest = next(iter(self._frames.values()))
-            t = getattr(oldest, key)
-            if t is None or newest_t - t <= self.prompt_window_s:
-                break
-            self._frames.popitem(last=False)
 
-    def _frame_for_prompt(self, frame_idx: int | None) -> _FrameEntry:
-        if not self._frames:
-            raise FrameNotAvailableError("no frame has been processed yet; prompt after the first frame arrives")
-        if frame_idx is None:
-            return self._frames[next(reversed(self._frames))]
-        entry = self._frames.get(int(frame_idx))
-        if entry is None:
-            first, last = next(iter(self._frames)), next(reversed(self._frames))
-            if frame_idx > last:
-                raise FrameNotAvailableError(f"frame {frame_idx} has not been processed yet (newest is {last})")
-            if self.min_prompt_frames >= self.max_prompt_frames:
-                kept = f"the last {self.max_prompt_frames} processed frames"
-            else:
-                kept = (
-                    f"the last {self.min_prompt_frames} processed frames, more within {self.prompt_window_s:g} s "
-                    f"of the newest, at most {self.max_prompt_frames}"
-                )
-            raise FrameNotAvailableError(
-                f"frame {frame_idx} is older than the prompt window (frames {first}..{last}: {kept}); "
-                f"prompt on a frame in it, e.g. the newest ({last})"
-            )
-        return entry
+    def _frame_for_prompt(self, frame_idx: int | None) -> WindowFrame:
+        return self._frames.frame_for_prompt(frame_idx)
 
-    def _features(self, entry: _FrameEntry, batch_size: int) -> tuple[list, list, list]:
+    def _features(self, entry: WindowFrame, batch_size: int) -> tuple[list, list, list]:
         """(vision_feats, vision_pos_embeds, feat_sizes) expanded to ``batch_size``;
         mirrors ``SAM2VideoPredictor._get_image_feature``."""
         assert self._vision_pos_enc is not None
         backbone_out = {
-            "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in entry.backbone_fpn],
+            "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in entry.payload],
             "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in self._vision_pos_enc],
         }
         _, vision_feats, vision_pos_embeds, feat_sizes = self.model._prepare_backbone_features(backbone_out)
@@ -669,25 +577,9 @@ class StreamingPredictor:
     def _check_obj_id(self, obj_id: Any) -> int:
         return check_obj_id(obj_id)
 
-    def _check_point_budget(self, obj_id: int, frame_idx: int, n_points: int, clear_old_points: bool) -> None:
-        """Refuse a prompt that would leave object ``obj_id`` with more than
-        ``max_points_per_frame`` clicks on ``frame_idx``: the prompt encoder's
-        cost grows with them, and a client adding points without clearing them
-        could otherwise grow one object's prompt without bound."""
-        limit = self.max_points_per_frame
-        if n_points <= limit:
-            return
-        if clear_old_points:
-            raise PromptError(f"a prompt has {n_points} points, more than the {limit} allowed per object and frame")
-        raise PromptError(
-            f"object {obj_id} would have {n_points} points on frame {frame_idx}, more than the {limit} "
-            f"allowed per object and frame; send clear_old_points true to replace its points there, "
-            f"or prompt on a newer frame"
-        )
-
     def _prompt_inputs(
         self,
-        entry: _FrameEntry,
+        entry: WindowFrame,
         points_xy: Any,
         labels: Any,
         box_xyxy: Any,
@@ -717,7 +609,7 @@ class StreamingPredictor:
 
     def _run_frame(
         self,
-        entry: _FrameEntry,
+        entry: WindowFrame,
         objs: list[_ObjectState],
         *,
         is_init_cond_frame: bool,

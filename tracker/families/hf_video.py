@@ -43,6 +43,7 @@ from tracker.errors import FrameError, FrameNotAvailableError, PromptError
 from tracker.families.base import HFFamily
 from tracker.model import autocast_context, model_precision
 from tracker.predictor import PredictorStats, PreparedFrame, _to_device
+from tracker.predictor_shared import StreamingMethods, check_rgb_frame
 from tracker.prompt_window import PromptWindow, WindowFrame, check_point_budget
 from tracker.prompts import check_obj_id, check_prompt
 from tracker.results import FrameResult, ObjectResult, mask_box_xyxy
@@ -105,7 +106,7 @@ def _streaming_session_class(base: type) -> type:
     return StreamingSession
 
 
-class HFVideoPredictor:
+class HFVideoPredictor(StreamingMethods):
     """Track prompted objects through frames that arrive one at a time, with a
     transformers video model (:func:`tracker.families.build_family_model`).
 
@@ -218,24 +219,6 @@ class HFVideoPredictor:
                 counts["pixels"] += len(s.processed_frames or {})
                 counts["tracked"] += sum(len(t) for t in s.frames_tracked_per_obj.values())
             return {**held, **counts}
-
-    @torch.inference_mode()
-    def track(
-        self,
-        image_rgb: np.ndarray | torch.Tensor,
-        *,
-        pts_s: float | None = None,
-        arrival_s: float | None = None,
-        source_index: int | None = None,
-        source_size: tuple[int, int] | None = None,
-    ) -> FrameResult:
-        """Take the next frame, track every object on it, return their masks."""
-        with self._lock:
-            frame_idx = self._next_frame_idx
-            self.encode(
-                frame_idx, image_rgb, pts_s=pts_s, arrival_s=arrival_s, source_index=source_index, source_size=source_size
-            )
-            return self.propagate(frame_idx)
 
     @torch.inference_mode()
     def encode(
@@ -389,33 +372,6 @@ class HFVideoPredictor:
             self._prune(newest if newest is not None else frame_idx)
             return result
 
-    def add_points(
-        self,
-        obj_id: int,
-        points_xy: Sequence[Sequence[float]] | np.ndarray,
-        labels: Sequence[int] | np.ndarray,
-        *,
-        frame_idx: int | None = None,
-        clear_old_points: bool = True,
-    ) -> ObjectResult:
-        return self.add_prompt(
-            obj_id, points_xy=points_xy, labels=labels, frame_idx=frame_idx, clear_old_points=clear_old_points
-        )
-
-    def add_box(
-        self,
-        obj_id: int,
-        box_xyxy: Sequence[float],
-        *,
-        points_xy: Sequence[Sequence[float]] | None = None,
-        labels: Sequence[int] | None = None,
-        frame_idx: int | None = None,
-    ) -> ObjectResult:
-        return self.add_prompt(obj_id, box_xyxy=box_xyxy, points_xy=points_xy, labels=labels, frame_idx=frame_idx)
-
-    def add_mask(self, obj_id: int, mask_hw: np.ndarray, *, frame_idx: int | None = None) -> ObjectResult:
-        return self.add_prompt(obj_id, mask_hw=mask_hw, frame_idx=frame_idx)
-
     def finalize_prompts(self) -> None:
         """Nothing to do: the library encodes a prompted frame's memory in the
         same call (kept for the common interface)."""
@@ -481,17 +437,8 @@ class HFVideoPredictor:
         """Check a frame and resize it to the model's S x S (uint8 RGB) as the
         library's image processor does (bilinear with antialiasing on uint8),
         so a prepared frame gives the processor's own pixels."""
-        if isinstance(image_rgb, torch.Tensor):
-            image_rgb = image_rgb.detach().cpu().numpy()
-        if not isinstance(image_rgb, np.ndarray):
-            raise FrameError(f"frame must be a numpy array or torch tensor, got {type(image_rgb).__name__}")
-        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-            raise FrameError(f"frame must be H x W x 3 RGB, got shape {tuple(image_rgb.shape)}")
-        if image_rgb.dtype != np.uint8:
-            raise FrameError(f"frame must be uint8 RGB, got dtype {image_rgb.dtype}")
+        image_rgb = check_rgb_frame(image_rgb)
         h, w = image_rgb.shape[:2]
-        if h < 1 or w < 1:
-            raise FrameError(f"frame is empty: shape {tuple(image_rgb.shape)}")
         s = self.image_size
         if (h, w) == (s, s):
             return np.array(image_rgb)
