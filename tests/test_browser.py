@@ -280,8 +280,8 @@ def wait_for_video(page: Any, what: str) -> dict:
     return later
 
 
-def wait_for_prompt_answer(page: Any, watch: Watch, type: str, count: int) -> tuple[dict, dict]:
-    deadline = time.monotonic() + 40
+def wait_for_prompt_answer(page: Any, watch: Watch, type: str, count: int, timeout: float = 40) -> tuple[dict, dict]:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         sent = watch.requests(type)
         if len(sent) >= count and (answer := watch.answer(sent[count - 1])) is not None:
@@ -290,7 +290,7 @@ def wait_for_prompt_answer(page: Any, watch: Watch, type: str, count: int) -> tu
     raise AssertionError(f"no answer to {type} #{count}; sent {watch.requests(type)}")
 
 
-def prompt_until_answered(page: Any, watch: Watch, type: str, gesture: Any) -> tuple[dict, dict]:
+def prompt_until_answered(page: Any, watch: Watch, type: str, gesture: Any, timeout: float = 40) -> tuple[dict, dict]:
     """Do ``gesture()`` (a click or a drag); return the ``type`` request it sent and its answer.
     On a loaded machine the frame on screen can fall out of the server's prompt window
     (2 s of source time) before the prompt is served: the page then says so and the
@@ -298,7 +298,7 @@ def prompt_until_answered(page: Any, watch: Watch, type: str, gesture: Any) -> t
     for _ in range(3):
         count = len(watch.requests(type)) + 1
         gesture()
-        sent, answer = wait_for_prompt_answer(page, watch, type, count)
+        sent, answer = wait_for_prompt_answer(page, watch, type, count, timeout)
         if answer["type"] == "reply" or answer.get("code") != "frame_not_available":
             return sent, answer
         wait_for(page, "() => document.getElementById('message').textContent.includes('prompt window')",

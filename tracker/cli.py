@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(a)
     a.set_defaults(func=cmd_annotate)
 
-    g = sub.add_parser("segment", help="segment single images (SAM 2 image mode)")
+    g = sub.add_parser("segment", help="segment single images (image mode of any --model)")
     g.add_argument("images", nargs="+", help="image files or folders")
     g.add_argument("--point", dest="prompt", action="append", type=parse_point, metavar="[OBJ:]X,Y[,LABEL]")
     g.add_argument("--box", dest="prompt", action="append", type=parse_box, metavar="[OBJ:]X0,Y0,X1,Y1")
