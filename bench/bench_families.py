@@ -4,30 +4,39 @@ tracker, each through its streaming predictor (``tracker.families.make_predictor
 Two parts:
 
 * ``speed``: per-frame time of ``track()`` at the models' own resolution
-  (1024 px; SAM 3's tracker 1008 px), full-size architectures with seeded
-  random weights (speed does not depend on what the weights are), in ONE
-  process, in alternating rounds (edgetam, sam2.1-tiny, sam3-tracker, then
-  again ...: on a shared machine speed drifts by 10 % within minutes), fp32 and
-  bf16 autocast, one object and four (points on frame 0, ``--warmup`` frames,
-  then ``--frames`` timed frames). Prints ms/frame, frames/s, the image
-  encoder's share, and frames/s relative to sam2.1-tiny (paired per round, then
-  the median). The issue's goal: edgetam >= 5x sam2.1-tiny's frames/s.
-  On a CPU without native bf16 (AVX512-BF16 / AMX) bf16 is emulated: it is
-  measured all the same and the header says so.
+  (1024 px; SAM 3's tracker 1008 px) on 640x480 frames, full-size
+  architectures with seeded random weights (speed does not depend on what the
+  weights are), in ONE process, in alternating rounds (edgetam, sam2.1-tiny,
+  sam3-tracker, then again ...: on a shared machine speed drifts within
+  minutes), fp32 and bf16 autocast, one object and four (points on frame 0,
+  ``--warmup`` frames, then ``--frames`` timed frames). Prints wall ms/frame,
+  the process's CPU ms/frame (with one torch thread: the work without the waits
+  for a core on a loaded machine), frames/s, the image encoder's share
+  (transformers families), and frames/s relative to sam2.1-tiny (paired within
+  each round, then the median). The issue's goal: edgetam >= 5x sam2.1-tiny's
+  frames/s. On a CPU without native bf16 (AVX512-BF16 / AMX) bf16 is
+  emulated: it is measured all the same and the header says so.
+  SAM 3's tracker costs minutes per frame on a 2-core CPU, so by default it
+  runs in the first round only, fp32, one timed frame (``--sam3-*`` options).
 * ``memory``: RSS of a process streaming ``--memory-frames`` small frames
-  (160x120, the model at ``--memory-size``, SAM 3's tracker at 224 px) with one
-  object prompted on frame 0, sampled every ``--every`` frames; RSS growth from
-  frame 200 to the last (goal <= 5 %) and ``stored_entries()`` at the end. Each
-  model runs in its own subprocess, so the RSS is its own. SAM 3's full tracker
-  only takes multiples of 336 px and costs seconds per frame here, so by default
-  its memory run uses the *reduced* test variant of the same architecture
-  (``FAMILIES["sam3-tracker"].config(reduced=True)``: a narrow two-layer ViT,
-  the same memory design and pruning); ``--sam3-full-memory`` runs the full one
-  at 336 px.
+  (160x120; sam2.1-tiny at ``--memory-size``, EdgeTAM at no less than 256
+  px, where its perceiver's 16x16 latent grid fits) with one object prompted
+  on frame 0, at 30 frames/s of timestamps (the 2 s prompt window), sampled
+  every ``--every`` frames; RSS growth from frame 200 to the last (goal <= 5 %)
+  and ``stored_entries()`` at the end. Each model runs in its own subprocess,
+  so the RSS is its own (``--parallel``: all at once). SAM 3's full tracker
+  only takes multiples of 336 px and costs seconds per frame here, so by
+  default its memory run uses the *reduced* test variant of the same
+  architecture (``FAMILIES["sam3-tracker"].config(reduced=True)``: a narrow
+  two-layer ViT, the same memory design and pruning) at 224 px;
+  ``--sam3-full-memory`` runs the full one at 336 px.
 
-    .venv/bin/python bench/bench_families.py speed memory --json /tmp/families.json
-    .venv/bin/python bench/bench_families.py speed --models edgetam,sam2.1-tiny --precisions fp32 --objects 1 --rounds 1 --frames 2
-    .venv/bin/python bench/bench_families.py memory --models edgetam --memory-frames 500
+The figures measured here, and the exact commands, are in bench/RESULTS_families.md.
+
+    .venv/bin/python bench/bench_families.py speed --precisions fp32 --sam3-objects 1 --frames 1 --json /tmp/speed.json
+    .venv/bin/python bench/bench_families.py speed --models edgetam,sam2.1-tiny --precisions bf16 --objects 1 --frames 1 --rounds 1
+    .venv/bin/python bench/bench_families.py memory --parallel --models edgetam,sam2.1-tiny --memory-size 128
+    .venv/bin/python bench/bench_families.py speed --image-size 256 --frames 1 --rounds 1   # a quick check
 """
 
 from __future__ import annotations
@@ -449,7 +458,7 @@ def main() -> None:
     ap.add_argument("--models", type=_csv(str, MODELS), default=list(MODELS), help="comma-separated (default: all three)")
     ap.add_argument("--precisions", type=_csv(str, ("fp32", "bf16")), default=["fp32", "bf16"])
     ap.add_argument("--objects", type=_csv(int), default=[1, 4], help="object counts (default 1,4)")
-    ap.add_argument("--frames", type=int, default=2, help="timed frames per stream (default 2)")
+    ap.add_argument("--frames", type=int, default=1, help="timed frames per stream (default 1)")
     ap.add_argument("--warmup", type=int, default=0, help="frames after the prompt frame before timing (default 0: the prompt frame warms up)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
     ap.add_argument("--image-size", type=int, default=None, help="speed at this size instead of each model's own (quick runs)")
