@@ -17,7 +17,12 @@ Two parts:
   frames/s. On a CPU without native bf16 (AVX512-BF16 / AMX) bf16 is
   emulated: it is measured all the same and the header says so.
   SAM 3's tracker costs minutes per frame on a 2-core CPU, so by default it
-  runs in the first round only, fp32, one timed frame (``--sam3-*`` options).
+  runs in the first round only, fp32, one object, one timed frame
+  (``--sam3-*`` options); emulated bf16 (8-25x slower than fp32 here) runs in
+  the first round only, one object (``--bf16-*``). The default speed run,
+  from the CPU times measured here: ~13 minutes on this 2-core machine when
+  quiet (several times that under other load); the default memory run ~30
+  (edgetam ~0.2 s, sam2.1-tiny ~0.45 s per 256 px frame; ``--parallel`` halves it).
 * ``memory``: RSS of a process streaming ``--memory-frames`` small frames
   (160x120; sam2.1-tiny at ``--memory-size``, EdgeTAM at no less than 256
   px, where its perceiver's 16x16 latent grid fits) with one object prompted
@@ -33,8 +38,9 @@ Two parts:
 
 The figures measured here, and the exact commands, are in bench/RESULTS_families.md.
 
-    .venv/bin/python bench/bench_families.py speed --precisions fp32 --sam3-objects 1 --frames 1 --json /tmp/speed.json
-    .venv/bin/python bench/bench_families.py speed --models edgetam,sam2.1-tiny --precisions bf16 --objects 1 --frames 1 --rounds 1
+    .venv/bin/python bench/bench_families.py speed memory --json /tmp/families.json   # the defaults
+    .venv/bin/python bench/bench_families.py speed --precisions fp32 --json /tmp/speed.json
+    .venv/bin/python bench/bench_families.py speed --models edgetam,sam2.1-tiny --precisions bf16 --rounds 1
     .venv/bin/python bench/bench_families.py memory --parallel --models edgetam,sam2.1-tiny --memory-size 128
     .venv/bin/python bench/bench_families.py speed --image-size 256 --frames 1 --rounds 1   # a quick check
 """
@@ -211,7 +217,7 @@ def time_stream(
 
 def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
     from tests.frames import moving_shapes
-    from tracker.model import check_precision
+    from tracker.model import check_precision, cpu_has_native_bf16
 
     models = args.models
     frames = moving_shapes(max(8, 1 + args.warmup + args.frames), *SPEED_HW)
@@ -231,8 +237,12 @@ def bench_speed(args: argparse.Namespace) -> dict[str, Any]:
             net = built[name]
             warmup, n_timed = (args.sam3_warmup, args.sam3_frames) if slow else (args.warmup, args.frames)
             for precision in args.sam3_precisions if slow else args.precisions:
+                emulated = precision == "bf16" and not cpu_has_native_bf16()
+                if emulated and r >= args.bf16_rounds:
+                    continue
                 net.autocast_precision = precision  # read by each new predictor
-                for n_obj in (args.sam3_objects or args.objects) if slow else args.objects:
+                counts = (args.sam3_objects or args.objects) if slow else args.objects
+                for n_obj in [n for n in counts if not emulated or n in (args.bf16_objects or counts)]:
                     run = SpeedRun(name, precision, n_obj, r, speed_size(name, args.image_size))
                     run.frame_ms, run.cpu_ms, run.encoder_ms = time_stream(
                         net, frames, clicks_for(n_obj, SPEED_HW), warmup, n_timed
@@ -465,7 +475,10 @@ def main() -> None:
     ap.add_argument("--sam3-frames", type=int, default=1, help="timed frames per sam3-tracker stream (default 1)")
     ap.add_argument("--sam3-warmup", type=int, default=0, help="sam3-tracker frames after the prompt frame before timing (default 0)")
     ap.add_argument("--sam3-rounds", type=int, default=1, help="rounds that include sam3-tracker (default 1: the first)")
-    ap.add_argument("--sam3-objects", type=_csv(int), default=None, help="sam3-tracker's object counts (default: --objects)")
+    ap.add_argument("--sam3-objects", type=_csv(int), default=[1], help="sam3-tracker's object counts (default 1)")
+    ap.add_argument("--bf16-objects", type=_csv(int), default=[1],
+                    help="object counts for emulated bf16 (no AVX512-BF16/AMX: 8-25x slower than fp32; default 1)")
+    ap.add_argument("--bf16-rounds", type=int, default=1, help="rounds that include emulated bf16 (default 1)")
     ap.add_argument("--sam3-precisions", type=_csv(str, ("fp32", "bf16")), default=["fp32"],
                     help="sam3-tracker's precisions (default fp32: emulated bf16 costs minutes per frame here)")
     ap.add_argument("--memory-frames", type=int, default=2000)
