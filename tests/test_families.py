@@ -311,6 +311,8 @@ def test_edgetam_config_is_repvit_and_the_default_is_refused() -> None:
     net = edgetam.model_class()(edgetam.config(image_size=256, reduced=True))
     edgetam.check_architecture(net)
     assert type(net.vision_encoder.backbone.timm_model.stem).__name__ == "RepVitStem"
+    with pytest.raises(ModelConfigError, match="too small for EdgeTAM"):
+        edgetam.config(image_size=128)
     hiera = edgetam.model_class()(transformers.EdgeTamVideoConfig(image_size=256))
     with pytest.raises(ModelConfigError, match="Hiera"):
         edgetam.check_architecture(hiera)

@@ -64,6 +64,16 @@ class EdgeTam(HFFamily):
         self.resize_config(config, self.check_image_size(image_size or self.image_size))
         return config
 
+    def check_image_size(self, image_size: int) -> int:
+        super().check_image_size(image_size)
+        if image_size < 256:
+            # the perceiver pools the 1/16 feature map into a 16 x 16 grid of latents
+            raise ModelConfigError(
+                f"image_size {image_size} is too small for EdgeTAM: its perceiver needs at least 256 "
+                "(a 16 x 16 grid at 1/16 scale); the official weights use 1024"
+            )
+        return int(image_size)
+
     def resize_config(self, config: Any, image_size: int) -> None:
         s = self.check_image_size(image_size)
         config.image_size = s
