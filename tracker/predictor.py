@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tracker.errors import FrameError, FrameNotAvailableError, PromptError
+from tracker.errors import FrameNotAvailableError, PromptError
 from tracker.model import autocast_context, model_precision
-from tracker.predictor_shared import StreamingMethods, check_rgb_frame
+from tracker.predictor_shared import PreparedFrame, StreamingMethods, check_rgb_frame
 from tracker.prompt_window import PromptWindow, WindowFrame, check_point_budget
 from tracker.prompts import check_obj_id, check_prompt
 from tracker.results import FrameResult, ObjectResult, mask_box_xyxy
@@ -51,21 +51,6 @@ _STREAM_NUM_FRAMES = 1 << 30
 
 _IMG_MEAN = (0.485, 0.456, 0.406)
 _IMG_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class PreparedFrame:
-    """A frame already resized to the model's S x S, ready for the encoder.
-
-    Made by :meth:`StreamingPredictor.prepare_frame`, which is safe to call on
-    another thread: an offline reader resizes (and, on CUDA, pins) the next
-    frames while the model works on this one, so decoding and preprocessing
-    overlap inference instead of adding to it.
-    """
-
-    image: np.ndarray  # S x S x 3 uint8 RGB
-    pixels: torch.Tensor  # ``image`` as a tensor (a pinned copy when the model is on CUDA)
-    source_size: tuple[int, int]  # (height, width) before the resize
 
 
 @dataclass
@@ -504,32 +489,14 @@ class StreamingPredictor(StreamingMethods):
         interp = cv2.INTER_AREA if (h > s or w > s) else cv2.INTER_LINEAR
         return cv2.resize(image_rgb, (s, s), interpolation=interp)
 
-    def prepare_frame(
-        self, image_rgb: np.ndarray | torch.Tensor, source_size: tuple[int, int] | None = None
-    ) -> PreparedFrame:
-        """:meth:`prepare` for a reader thread: touches no tracking state.
-
-        On CUDA the uint8 pixels are copied to pinned memory, so the copy to the
-        GPU in :meth:`encode` is asynchronous. ``source_size`` defaults to the
-        frame's own (height, width).
-        """
-        image = self.prepare(image_rgb)
-        if source_size is None:
-            source_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
-        pixels = torch.from_numpy(image)
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        return PreparedFrame(image, pixels, (int(source_size[0]), int(source_size[1])))
+    def _frame_pixels(self, image_ss: np.ndarray) -> torch.Tensor:
+        """A prepared frame's tensor: its uint8 pixels (normalised on the device, in :meth:`to_model_input`)."""
+        return torch.from_numpy(image_ss)
 
     def to_model_input(self, image_rgb: np.ndarray | torch.Tensor | PreparedFrame) -> torch.Tensor:
         """HxWx3 uint8 RGB → 1x3xSxS normalised, as Meta's ``load_video_frames`` does."""
         if isinstance(image_rgb, PreparedFrame):
-            if image_rgb.image.shape[:2] != (self.image_size, self.image_size):
-                raise FrameError(
-                    f"prepared frame is {image_rgb.image.shape[1]}x{image_rgb.image.shape[0]}, "
-                    f"this model takes {self.image_size}x{self.image_size}: prepare it with this predictor"
-                )
-            pixels = image_rgb.pixels.to(self.device, non_blocking=True)
+            pixels = self._prepared_pixels(image_rgb)
         else:
             pixels = torch.from_numpy(self.prepare(image_rgb)).to(self.device)
         img = pixels.permute(2, 0, 1).float() / 255.0

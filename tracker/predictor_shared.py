@@ -6,6 +6,7 @@ what its model needs (encoder calls, memories, pruning)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -13,6 +14,22 @@ import torch
 
 from tracker.errors import FrameError
 from tracker.results import FrameResult, ObjectResult
+
+
+@dataclass(frozen=True)
+class PreparedFrame:
+    """A frame already resized to the model's S x S, ready for the encoder.
+
+    Made by a predictor's ``prepare_frame``, which is safe to call on
+    another thread: an offline reader resizes (and, on CUDA, pins) the next
+    frames while the model works on this one, so decoding and preprocessing
+    overlap inference instead of adding to it.
+    """
+
+    image: np.ndarray  # S x S x 3 uint8 RGB
+    pixels: torch.Tensor  # ``image`` as a tensor (a pinned copy when the model is on CUDA)
+    source_size: tuple[int, int]  # (height, width) before the resize
+
 
 
 def check_rgb_frame(image_rgb: Any) -> np.ndarray:
@@ -37,6 +54,36 @@ class StreamingMethods:
 
     _lock: Any
     _next_frame_idx: int
+    device: torch.device
+    image_size: int
+
+    def prepare(self, image_rgb: Any) -> np.ndarray: ...  # type: ignore[empty-body]  # noqa: D102  (the family's)
+
+    def _frame_pixels(self, image_ss: np.ndarray) -> torch.Tensor: ...  # type: ignore[empty-body]  # noqa: D102
+
+    def prepare_frame(self, image_rgb: np.ndarray | torch.Tensor, source_size: tuple[int, int] | None = None) -> PreparedFrame:
+        """``prepare`` for a reader thread: touches no tracking state.
+
+        On CUDA the pixels are copied to pinned memory, so the copy to the GPU
+        in ``encode`` is asynchronous. ``source_size`` defaults to the frame's
+        own (height, width).
+        """
+        image = self.prepare(image_rgb)
+        if source_size is None:
+            source_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
+        pixels = self._frame_pixels(image)
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        return PreparedFrame(image, pixels, (int(source_size[0]), int(source_size[1])))
+
+    def _prepared_pixels(self, frame: PreparedFrame) -> torch.Tensor:
+        """A prepared frame's tensor on the device, once it is known to fit this model."""
+        if frame.image.shape[:2] != (self.image_size, self.image_size):
+            raise FrameError(
+                f"prepared frame is {frame.image.shape[1]}x{frame.image.shape[0]}, "
+                f"this model takes {self.image_size}x{self.image_size}: prepare it with this predictor"
+            )
+        return frame.pixels.to(self.device, non_blocking=True)
 
     def encode(self, frame_idx: int, image_rgb: Any, **timing: Any) -> None: ...  # noqa: D102  (the family's)
 

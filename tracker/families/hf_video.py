@@ -39,11 +39,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from tracker.errors import FrameError, FrameNotAvailableError, PromptError
+from tracker.errors import FrameNotAvailableError, PromptError
 from tracker.families.base import HFFamily
 from tracker.model import autocast_context, model_precision
-from tracker.predictor import PredictorStats, PreparedFrame, _to_device
-from tracker.predictor_shared import StreamingMethods, check_rgb_frame
+from tracker.predictor import PredictorStats, _to_device
+from tracker.predictor_shared import PreparedFrame, StreamingMethods, check_rgb_frame
 from tracker.prompt_window import PromptWindow, WindowFrame, check_point_budget
 from tracker.prompts import check_obj_id, check_prompt
 from tracker.results import FrameResult, ObjectResult, mask_box_xyxy
@@ -448,26 +448,15 @@ class HFVideoPredictor(StreamingMethods):
         resized = TF.resize(chw, [s, s], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         return resized.permute(1, 2, 0).contiguous().numpy()
 
-    def prepare_frame(self, image_rgb: np.ndarray | torch.Tensor, source_size: tuple[int, int] | None = None) -> PreparedFrame:
-        """:meth:`prepare` plus normalisation for a reader thread (touches no tracking state)."""
-        image = self.prepare(image_rgb)
-        if source_size is None:
-            source_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
-        pixels = self._normalise(image)
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        return PreparedFrame(image, pixels, (int(source_size[0]), int(source_size[1])))
-
     def to_model_input(self, image_rgb: np.ndarray | torch.Tensor | PreparedFrame) -> torch.Tensor:
         """HxWx3 uint8 RGB → 1x3xSxS pixel values, as the library's processor makes them."""
         if isinstance(image_rgb, PreparedFrame):
-            if image_rgb.image.shape[:2] != (self.image_size, self.image_size):
-                raise FrameError(
-                    f"prepared frame is {image_rgb.image.shape[1]}x{image_rgb.image.shape[0]}, "
-                    f"this model takes {self.image_size}x{self.image_size}: prepare it with this predictor"
-                )
-            return image_rgb.pixels.to(self.device, non_blocking=True)
+            return self._prepared_pixels(image_rgb)
         return self._normalise(self.prepare(image_rgb)).to(self.device)
+
+    def _frame_pixels(self, image_ss: np.ndarray) -> torch.Tensor:
+        """A prepared frame's tensor: the processor's pixel values."""
+        return self._normalise(image_ss)
 
     def _normalise(self, image_ss: np.ndarray) -> torch.Tensor:
         return self.processor(images=image_ss, return_tensors="pt").pixel_values
