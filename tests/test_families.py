@@ -267,6 +267,28 @@ def test_state_dict_resumes_exactly(family_model: torch.nn.Module) -> None:
         assert np.array_equal(ra.objects[1].logits_hw, rb.objects[1].logits_hw)
 
 
+def test_cpu_fallback_copy_takes_over_the_state(family_model: torch.nn.Module) -> None:
+    """What a session does after CUDA runs out of memory: a CPU copy of the model
+    (``torch.save`` round trip, the library fix included) takes the predictor's
+    state and tracks on exactly as the original would."""
+    from tracker.session import _cpu_copy
+
+    images = frames(8)
+    a = make_predictor(family_model)
+    for t, image in enumerate(images[:4]):
+        a.track(image)
+        if t == 0:
+            a.add_prompt(1, points_xy=[[60, 50]], labels=[1])
+    copy = _cpu_copy(family_model)
+    assert copy.stream_family is family_model.stream_family and copy is not family_model
+    assert copy._use_mask_as_output.model is copy  # the fix travels with the copy, bound to it
+    b = make_predictor(copy)
+    b.load_state_dict(a.state_dict())
+    for image in images[4:]:
+        ra, rb = a.track(image), b.track(image)
+        assert np.array_equal(ra.objects[1].logits_hw, rb.objects[1].logits_hw)
+
+
 def test_corrections_as_cond_promotes_the_correction(family_model: torch.nn.Module) -> None:
     pred = make_predictor(family_model, corrections_as_cond=True)
     for t, image in enumerate(frames(6)):

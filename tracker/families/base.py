@@ -77,5 +77,15 @@ class HFFamily(ABC):
             )
         return int(image_size)
 
+    def __reduce__(self) -> tuple:
+        # a model copied with torch.save (the CPU fallback) keeps the registry's family, not a copy
+        return (_registered_family, (self.name,))
+
     def info(self) -> dict[str, Any]:
         return {"family": self.title, "image_size": self.image_size, "licence": self.licence, "via": "transformers"}
+
+
+def _registered_family(name: str) -> HFFamily:
+    from tracker.families import FAMILIES
+
+    return FAMILIES[name]
