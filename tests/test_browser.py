@@ -656,7 +656,7 @@ def test_the_operator_picks_a_model_for_a_new_session(model, second_model, brows
         wait_for(page, "() => window.sam2stream.hello !== null", "the hello")
         assert page.locator("#model").is_visible()
         labels = page.locator("#model option").all_inner_texts()
-        assert labels == ["default model", "sam2.1-tiny (256 px, cpu)", "second (256 px, cpu)"]
+        assert labels == ["default model", "sam2.1-tiny (SAM 2, 256 px, cpu)", "second (SAM 2, 256 px, cpu)"]
         page.select_option("#model", "second")
         page.click("#open")
         wait_for(page, "() => window.sam2stream.frames.length > 0", "frames of the new session")
