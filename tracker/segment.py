@@ -189,26 +189,33 @@ class ImageSegmenter:
             feat.permute(1, 2, 0).reshape(n, -1, *feat_size)
             for feat, feat_size in zip(vision_feats[::-1], self.predictor._bb_feat_sizes[::-1])
         ][::-1]
+        return self._split_embeddings(feats, images)
+
+    def _split_embeddings(self, maps: list[torch.Tensor], images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
+        """One embedding per image from batched feature maps (coarsest last)."""
         own = torch.contiguous_format  # one layout, however many images the batch had
         return [
             ImageEmbedding(
-                image_embed=feats[-1][i : i + 1].clone(memory_format=own),
-                high_res_feats=tuple(f[i : i + 1].clone(memory_format=own) for f in feats[:-1]),
+                image_embed=maps[-1][i : i + 1].clone(memory_format=own),
+                high_res_feats=tuple(m[i : i + 1].clone(memory_format=own) for m in maps[:-1]),
                 size_hw=image.size_hw,
                 model=self.model_key,
             )
             for i, image in enumerate(images)
         ]
 
+    def _run_encoder(self, batch: torch.Tensor) -> Any:
+        """The model's image encoder on a batch (``embeddings_from_backbone`` reads its output)."""
+        return self.model.forward_image(batch)
+
     @torch.inference_mode()
     def encode_batch(self, images: Sequence[PreparedImage | np.ndarray]) -> list[ImageEmbedding]:
-        """Several images through the image encoder as one batch (one
-        ``forward_image`` call); equal to encoding them one by one (see tests)."""
+        """Several images through the image encoder as one batch (one encoder
+        call); equal to encoding them one by one (see tests)."""
         prepared = [im if isinstance(im, PreparedImage) else self.prepare(im) for im in images]
         batch = self.model_inputs(prepared)
         with model_autocast(self.model):
-            backbone_out = self.model.forward_image(batch)
-            return self.embeddings_from_backbone(backbone_out, prepared)
+            return self.embeddings_from_backbone(self._run_encoder(batch), prepared)
 
     def encode(self, image: PreparedImage | np.ndarray) -> ImageEmbedding:
         return self.encode_batch([image])[0]

@@ -124,26 +124,10 @@ class HFImageSegmenter(ImageSegmenter):
         feats[-1] = feats[-1] + self.model.no_memory_embedding
         n = len(images)
         maps = [f.permute(1, 2, 0).reshape(n, -1, *size) for f, size in zip(feats, self.feature_sizes)]
-        own = torch.contiguous_format
-        return [
-            ImageEmbedding(
-                image_embed=maps[-1][i : i + 1].clone(memory_format=own),
-                high_res_feats=tuple(m[i : i + 1].clone(memory_format=own) for m in maps[:-1]),
-                size_hw=image.size_hw,
-                model=self.model_key,
-            )
-            for i, image in enumerate(images)
-        ]
+        return self._split_embeddings(maps, images)
 
-    @torch.inference_mode()
-    def encode_batch(self, images: Sequence[PreparedImage | np.ndarray]) -> list[ImageEmbedding]:
-        """Several images through the image encoder as one batch (one
-        ``get_image_features`` call); equal to encoding them one by one (see tests)."""
-        prepared = [im if isinstance(im, PreparedImage) else self.prepare(im) for im in images]
-        batch = self.model_inputs(prepared)
-        with model_autocast(self.model):
-            out = self.model.get_image_features(batch, return_dict=True)
-            return self.embeddings_from_backbone(out, prepared)
+    def _run_encoder(self, batch: torch.Tensor) -> Any:
+        return self.model.get_image_features(batch, return_dict=True)
 
     # ---------------------------------------------------------------- prompts
 
