@@ -127,6 +127,8 @@ class ImageSegmenter:
         self.image_size = s
         # Meta's class assumes 1024 input (256/128/64 feature maps); follow the model
         self.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        #: side of the mask decoder's low-res logits (a ``mask_input``'s size)
+        self.mask_side = s // 4
         self.max_points = int(max_points)
         self.model_key = model_key(model)
         self.device = next(model.parameters()).device
@@ -138,13 +140,7 @@ class ImageSegmenter:
     def prepare(self, image_rgb: np.ndarray) -> PreparedImage:
         """RGB pixels → encoder input and cache digest; touches no model state,
         so an event loop's executor or a decoding thread may call it."""
-        if not isinstance(image_rgb, np.ndarray) or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-            shape = getattr(image_rgb, "shape", None)
-            raise FrameError(f"image must be H x W x 3 RGB, got {shape if shape is not None else type(image_rgb).__name__}")
-        if image_rgb.dtype != np.uint8:
-            raise FrameError(f"image must be uint8 RGB, got dtype {image_rgb.dtype}")
-        if image_rgb.shape[0] < 1 or image_rgb.shape[1] < 1:
-            raise FrameError(f"image is empty: shape {tuple(image_rgb.shape)}")
+        check_image_rgb(image_rgb)
         with torch.inference_mode():
             pixels = self.predictor._transforms(image_rgb)  # ToTensor, Resize((S, S)), Normalize
         return PreparedImage(pixels, (int(image_rgb.shape[0]), int(image_rgb.shape[1])), image_digest(image_rgb))
@@ -369,7 +365,7 @@ class ImageSegmenter:
     def _check_mask_input(self, mask_input: Any) -> np.ndarray | None:
         if mask_input is None:
             return None
-        side = self.image_size // 4
+        side = self.mask_side
         try:
             logits = np.asarray(mask_input, dtype=np.float32)
         except (TypeError, ValueError):
@@ -385,6 +381,17 @@ class ImageSegmenter:
         if not np.isfinite(logits).all():
             raise ImagePromptError("mask_input must hold finite numbers", "mask_input")
         return logits
+
+
+def check_image_rgb(image_rgb: Any) -> None:
+    """An image mode input is H x W x 3 uint8 RGB, or a FrameError saying what it is instead."""
+    if not isinstance(image_rgb, np.ndarray) or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        shape = getattr(image_rgb, "shape", None)
+        raise FrameError(f"image must be H x W x 3 RGB, got {shape if shape is not None else type(image_rgb).__name__}")
+    if image_rgb.dtype != np.uint8:
+        raise FrameError(f"image must be uint8 RGB, got dtype {image_rgb.dtype}")
+    if image_rgb.shape[0] < 1 or image_rgb.shape[1] < 1:
+        raise FrameError(f"image is empty: shape {tuple(image_rgb.shape)}")
 
 
 def _culprit(size_hw: tuple[int, int], points_xy: Any, labels: Any, box_xyxy: Any) -> str:

@@ -47,6 +47,7 @@ from tracker.segment import (
     MaskCandidate,
     PreparedImage,
     SegmentResult,
+    check_image_rgb,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class HFImageSegmenter(ImageSegmenter):
     def prepare(self, image_rgb: np.ndarray) -> PreparedImage:
         """RGB pixels → the encoder's input by the family's processor (resize to
         S x S, normalise) and the cache digest; touches no model state."""
-        _check_image(image_rgb)
+        check_image_rgb(image_rgb)
         with torch.inference_mode():
             pixels = self.processor(images=image_rgb, return_tensors="pt").pixel_values[0]
         return PreparedImage(pixels.float(), (int(image_rgb.shape[0]), int(image_rgb.shape[1])), image_digest(image_rgb))
@@ -234,39 +235,6 @@ class HFImageSegmenter(ImageSegmenter):
             high_resolution_features=image_embeddings[:-1],
         )
         return low_res[:, 0], ious[:, 0]  # the one object of the prompt
-
-    def _check_mask_input(self, mask_input: Any) -> np.ndarray | None:
-        """As :meth:`ImageSegmenter._check_mask_input`, for this decoder's low-res side
-        (S/4 for EdgeTAM, 4 x S/14 for SAM 3's tracker)."""
-        if mask_input is None:
-            return None
-        side = self.mask_side
-        try:
-            logits = np.asarray(mask_input, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise ImagePromptError("mask_input must be an array of low-res logits", "mask_input") from None
-        if logits.shape == (side, side):
-            logits = logits[None]
-        if logits.shape != (1, side, side):
-            raise ImagePromptError(
-                f"mask_input must be {side} x {side} low-res logits (a previous result's low_res_logits[i]), "
-                f"got shape {logits.shape}",
-                "mask_input",
-            )
-        if not np.isfinite(logits).all():
-            raise ImagePromptError("mask_input must hold finite numbers", "mask_input")
-        return logits
-
-
-def _check_image(image_rgb: Any) -> None:
-    """The checks (and messages) of :meth:`ImageSegmenter.prepare`."""
-    if not isinstance(image_rgb, np.ndarray) or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-        shape = getattr(image_rgb, "shape", None)
-        raise FrameError(f"image must be H x W x 3 RGB, got {shape if shape is not None else type(image_rgb).__name__}")
-    if image_rgb.dtype != np.uint8:
-        raise FrameError(f"image must be uint8 RGB, got dtype {image_rgb.dtype}")
-    if image_rgb.shape[0] < 1 or image_rgb.shape[1] < 1:
-        raise FrameError(f"image is empty: shape {tuple(image_rgb.shape)}")
 
 
 __all__ = ["HFImageSegmenter", "make_segmenter"]
