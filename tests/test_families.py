@@ -253,18 +253,29 @@ def test_a_failed_step_or_prompt_changes_nothing(family_model: torch.nn.Module, 
         assert np.array_equal(ra.objects[1].logits_hw, rb.objects[1].logits_hw), t
 
 
+def tracking_one_object(model: torch.nn.Module, images: list[np.ndarray]) -> HFVideoPredictor:
+    """A predictor that tracked ``images`` with object 1 clicked on the first."""
+    pred = make_predictor(model)
+    for t, image in enumerate(images):
+        pred.track(image)
+        if t == 0:
+            pred.add_prompt(1, points_xy=[[60, 50]], labels=[1])
+    return pred
+
+
+def assert_tracking_equal(a: HFVideoPredictor, b: HFVideoPredictor, images: list[np.ndarray]) -> None:
+    """Both predictors track ``images`` on with bit-identical logits for object 1."""
+    for t, image in enumerate(images):
+        ra, rb = a.track(image), b.track(image)
+        assert np.array_equal(ra.objects[1].logits_hw, rb.objects[1].logits_hw), t
+
+
 def test_state_dict_resumes_exactly(family_model: torch.nn.Module) -> None:
     images = frames(12)
-    a = make_predictor(family_model)
-    for t, image in enumerate(images[:6]):
-        a.track(image)
-        if t == 0:
-            a.add_prompt(1, points_xy=[[60, 50]], labels=[1])
+    a = tracking_one_object(family_model, images[:6])
     b = make_predictor(family_model)
     b.load_state_dict(a.state_dict())
-    for image in images[6:]:
-        ra, rb = a.track(image), b.track(image)
-        assert np.array_equal(ra.objects[1].logits_hw, rb.objects[1].logits_hw)
+    assert_tracking_equal(a, b, images[6:])
 
 
 def test_cpu_fallback_copy_takes_over_the_state(family_model: torch.nn.Module) -> None:
@@ -274,19 +285,13 @@ def test_cpu_fallback_copy_takes_over_the_state(family_model: torch.nn.Module) -
     from tracker.session import _cpu_copy
 
     images = frames(8)
-    a = make_predictor(family_model)
-    for t, image in enumerate(images[:4]):
-        a.track(image)
-        if t == 0:
-            a.add_prompt(1, points_xy=[[60, 50]], labels=[1])
+    a = tracking_one_object(family_model, images[:4])
     copy = _cpu_copy(family_model)
     assert copy.stream_family is family_model.stream_family and copy is not family_model
     assert copy._use_mask_as_output.model is copy  # the fix travels with the copy, bound to it
     b = make_predictor(copy)
     b.load_state_dict(a.state_dict())
-    for image in images[4:]:
-        ra, rb = a.track(image), b.track(image)
-        assert np.array_equal(ra.objects[1].logits_hw, rb.objects[1].logits_hw)
+    assert_tracking_equal(a, b, images[4:])
 
 
 def test_corrections_as_cond_promotes_the_correction(family_model: torch.nn.Module) -> None:
