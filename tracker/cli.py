@@ -119,16 +119,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_model_from_args(args: argparse.Namespace):
-    from tracker.model import build_model
+    from tracker.annotate_many import ModelSpec
 
-    return build_model(
-        args.model,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        image_size=args.image_size,
-        random_weights_seed=args.random_weights,
-        precision=args.precision or "auto",
-    )
+    return ModelSpec.from_args(args).build()
 
 
 def frame_record(result, *, with_masks: bool = True) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
 
 from tracker.evaluate import EvalError, Run, find_run
 
@@ -35,9 +34,8 @@ def add_model_run_args(e: argparse.ArgumentParser) -> None:
 
 def run_models(args: argparse.Namespace) -> list[Run]:
     """Annotate ``args.video`` with every model of ``args.models``; the runs to score."""
-    from tracker.annotate_many import AnnotateOptions, VideoJob
+    from tracker.annotate_many import AnnotateOptions, ModelSpec, VideoJob
     from tracker.cli import annotate_video
-    from tracker.model import build_model
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
@@ -52,16 +50,14 @@ def run_models(args: argparse.Namespace) -> list[Run]:
         out = Path(args.work) / model.replace("/", "_")
         log.info("annotating %s with %s into %s", name, model, out)
 
-        def factory(model: str = model) -> Any:
-            return build_model(
-                model,
-                device=args.device,
-                image_size=args.image_size,
-                random_weights_seed=args.random_weights,
-                precision=args.precision,
-            )
-
+        spec = ModelSpec(
+            model=model,
+            device=args.device,
+            image_size=args.image_size,
+            precision=args.precision,
+            random_weights=args.random_weights,
+        )
         job = VideoJob(video=args.video, prompts=args.prompts, name=name, out=str(out))
-        annotate_video(job, AnnotateOptions(formats=("davis",), model_name=model), factory, quiet=True)
+        annotate_video(job, AnnotateOptions(formats=("davis",), model_name=model), spec.build, quiet=True)
         runs.append(find_run(out, name=model, pred_format="davis"))
     return runs
