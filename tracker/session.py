@@ -813,6 +813,41 @@ TRACKING_OPTIONS: tuple[str, ...] = (
 )
 
 
+def check_tracking_options(
+    models: list[str], max_objects: int, model: str | None = None, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``model`` (one of ``models``) and the tracking options, checked: the options, or an
+    :class:`OptionError` naming what is wrong. Where sessions run elsewhere (a Ray
+    session host) the front checks with the same rules before anything opens."""
+    if model is not None and model not in models:
+        raise OptionError(f"no model {model!r} on this server (it has: {', '.join(models)})")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(TRACKING_OPTIONS))
+    if unknown:
+        raise OptionError(
+            f"unknown tracking option {unknown[0]!r} (known: {', '.join(TRACKING_OPTIONS)})", unknown[0]
+        )
+    ranges = {
+        "prompt_window_s": (0.0, 60.0),
+        "max_prompt_frames": (1, 600),
+        "max_cond_frames": (2, 64),
+        "lost_after_frames": (1, 100_000),
+        "max_objects": (1, max_objects),
+    }
+    for key, value in options.items():
+        if key in ("corrections_as_cond", "batch_objects"):
+            if not isinstance(value, bool):
+                raise OptionError(f"tracking option {key} must be true or false, not {value!r}", key)
+            continue
+        lo, hi = ranges[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(lo, int) and not isinstance(value, int)):
+            kind = "an integer" if isinstance(lo, int) else "a number"
+            raise OptionError(f"tracking option {key} must be {kind}, not {value!r}", key)
+        if not lo <= value <= hi:
+            raise OptionError(f"tracking option {key} must be in [{lo}, {hi}], not {value!r}", key)
+    return options
+
+
 class SessionManager:
     """Every open session of a server: opening (with limits), lookup, closing, and
     closing sessions nobody has watched for ``idle_timeout_s``.
@@ -863,33 +898,7 @@ class SessionManager:
     def check_options(self, model: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
         """The tracking options, checked, or an :class:`OptionError` saying what is
         wrong: a server checks them before it opens a source (a camera connection)."""
-        if model is not None and model not in self.models:
-            raise OptionError(f"no model {model!r} on this server (it has: {', '.join(self.models)})")
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(TRACKING_OPTIONS))
-        if unknown:
-            raise OptionError(
-                f"unknown tracking option {unknown[0]!r} (known: {', '.join(TRACKING_OPTIONS)})", unknown[0]
-            )
-        ranges = {
-            "prompt_window_s": (0.0, 60.0),
-            "max_prompt_frames": (1, 600),
-            "max_cond_frames": (2, 64),
-            "lost_after_frames": (1, 100_000),
-            "max_objects": (1, self.limits.max_objects),
-        }
-        for key, value in options.items():
-            if key in ("corrections_as_cond", "batch_objects"):
-                if not isinstance(value, bool):
-                    raise OptionError(f"tracking option {key} must be true or false, not {value!r}", key)
-                continue
-            lo, hi = ranges[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(lo, int) and not isinstance(value, int)):
-                kind = "an integer" if isinstance(lo, int) else "a number"
-                raise OptionError(f"tracking option {key} must be {kind}, not {value!r}", key)
-            if not lo <= value <= hi:
-                raise OptionError(f"tracking option {key} must be in [{lo}, {hi}], not {value!r}", key)
-        return options
+        return check_tracking_options(list(self.models), self.limits.max_objects, model, options)
 
     def open(
         self,
@@ -898,11 +907,13 @@ class SessionManager:
         name: str = "",
         model: str | None = None,
         options: dict[str, Any] | None = None,
+        session_id: str | None = None,
     ) -> TrackingSession:
         """Start tracking an opened source (``tracker.ingest.open_source``, live mode)
         with a model of :attr:`models` (default: the first) and tracking options
         (:data:`TRACKING_OPTIONS`; see :meth:`check_options`). The source is
-        closed when the session cannot open."""
+        closed when the session cannot open. ``session_id``: keep a session's id
+        where it is re-created (a session host taking over a lost host's session)."""
         try:
             options = self.check_options(model, options)
         except OptionError:
@@ -938,6 +949,7 @@ class SessionManager:
                 model_name=model_name,
                 predictor_options=predictor_options,
                 tracking=tracking,
+                session_id=session_id,
             )
             if self.cpu_fallback:
                 session.on_out_of_memory = self._move_to_cpu
