@@ -37,14 +37,18 @@ def require_ray() -> Any:
     return ray
 
 
-def connect(address: str) -> Any:
-    """Join (or, with ``local``, start) the cluster at ``address``; returns ``ray``. Idempotent."""
+def connect(address: str, namespace: str | None = None) -> Any:
+    """Join (or, with ``local``, start) the cluster at ``address``; returns ``ray``. Idempotent.
+
+    ``namespace``: where named actors are looked up (``serve --ray``'s hosts and directory)."""
     ray = require_ray()
     if ray.is_initialized():
         return ray
     if not address:
         raise ClusterError("--ray: give the head's HOST:PORT, auto (the cluster on this machine) or local")
     kwargs: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
+    if namespace:
+        kwargs["namespace"] = namespace
     try:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, **kwargs)
     except ConnectionError as e:

@@ -62,14 +62,14 @@ else:
             self.session.subscribe(lambda item: self.results.append(item) if hasattr(item, "objects") else None)
 
         def step(self, image) -> dict:
-            from tracker.cli import frame_record
+            from server.ray_hosts import result_record
 
             n = len(self.results)
             self.source.push(image)
             deadline = time.monotonic() + 60
             while len(self.results) == n and time.monotonic() < deadline:
                 time.sleep(0.01)
-            return frame_record(self.results[n])
+            return result_record(self.results[n])
 
         def close(self) -> None:
             self.manager.close_all()
@@ -120,7 +120,7 @@ else:
             assert got["score"] == want.score and got["obj_id"] == 1
             for image in FRAMES[1:6]:
                 r, seq, _ = remote_step(hosts[first], sid, image, seq)
-                assert sorted(r["objects"]) == ["1"]
+                assert sorted(r["objects"]) == [1]
                 assert masks(r) == masks(local.step(image))
             local.close()
             # a second front joins by name and reads the same stream: every frame's result
@@ -148,7 +148,7 @@ else:
                     assert [e["kind"] for e in events] == ["moved"]
                     assert events[0]["obj_ids"] == [1]
                     assert events[0]["message"] == f"session cam moved to {second} after {first} was lost"
-                assert sorted(r["objects"]) == ["1"]
+                assert sorted(r["objects"]) == [1]
                 assert masks(r) == masks(restored.step(image))
             restored.close()
         finally:
