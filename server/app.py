@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import itertools
 import json
@@ -69,7 +70,7 @@ from server.protocol import (
 )
 from tracker.ingest import VideoSource
 from tracker.model import model_precision
-from tracker.session import InferenceWorker, OptionError, SessionLimits, SessionManager, TrackingSession
+from tracker.session import InferenceWorker, OptionError, SessionError, SessionLimits, SessionManager, TrackingSession
 
 logger = logging.getLogger("sam2-stream.server")
 
@@ -178,12 +179,14 @@ class TrackingServer:
         host = f"[{host}]" if ":" in host else host
         return f"{'wss' if self._ssl else 'ws'}://{host}:{self.port}/"
 
-    async def start(self) -> None:
-        """Start the worker and listen; returns once clients can connect."""
+    @property
+    def cluster(self) -> bool:
+        """Whether sessions run on a Ray cluster (``[cluster] address``, ``serve --ray``)."""
+        return self.config.cluster.address is not None
+
+    def _local_manager(self) -> SessionManager:
         cfg = self.config
-        self.loop = asyncio.get_running_loop()
-        self.worker = InferenceWorker(self.model, max_batch=cfg.model.max_batch, max_image_batch=cfg.images.max_batch)
-        self.manager = SessionManager(
+        return SessionManager(
             self.worker,
             max_sessions=cfg.limits.max_sessions,
             limits=SessionLimits(
@@ -197,6 +200,24 @@ class TrackingServer:
             models=self.models,
             cpu_fallback=cfg.model.cpu_fallback,
         )
+
+    async def start(self) -> None:
+        """Start the worker and listen; returns once clients can connect."""
+        cfg = self.config
+        self.loop = asyncio.get_running_loop()
+        self.worker = InferenceWorker(self.model, max_batch=cfg.model.max_batch, max_image_batch=cfg.images.max_batch)
+        if self.cluster:  # sessions on Ray session hosts; this process keeps the protocol (and image mode)
+            from server.ray_front import RemoteSessionManager, model_specs
+
+            try:
+                self.manager = await self.loop.run_in_executor(
+                    None, RemoteSessionManager.connect, cfg, model_specs(cfg, self.model_name)
+                )
+            except BaseException:
+                self.worker.stop()
+                raise
+        else:
+            self.manager = self._local_manager()
         for name in self.catalog.names:  # a configured session's choices must be usable
             model_name, tracking = self.catalog.session_choices(name)
             try:
@@ -352,6 +373,10 @@ class TrackingServer:
         """
         return await self.loop.run_in_executor(self._open_pool, self._open_unless_closing, fn, *args)
 
+    async def run_cluster(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A blocking call to the Ray cluster (an open placed on a session host) on the open threads."""
+        return await self.loop.run_in_executor(self._open_pool, functools.partial(fn, *args, **kwargs))
+
     def _open_unless_closing(self, fn: Callable[..., VideoSource], *args: Any) -> VideoSource:
         source = fn(*args)
         if self.closing:
@@ -419,8 +444,20 @@ class TrackingServer:
                     self._check_join(hub.session, model, tracking)
                     return hub.session, False
                 config_model, config_tracking = self.catalog.session_choices(source)
+                asked_model, asked_tracking = model, tracking
                 model, tracking = model or config_model, {**config_tracking, **tracking}
                 self._check_options(model, tracking)
+                if self.cluster:  # opened on a session host, or the session of this name another front opened
+                    self._check_session_limit()
+                    session, created = await self.run_cluster(
+                        self.manager.open_remote, self._opener("open_named", (source,)), name=source, model=model,
+                        options=tracking, join=True,
+                    )
+                    if not created:
+                        self._check_join(session, asked_model, asked_tracking)
+                    self._named[source] = session.id
+                    self.hub(session)
+                    return session, created
                 self._check_session_limit()
                 opened = await self.run_open(self.catalog.open_named, source)
                 session = self.manager.open(opened, name=source, model=model, options=tracking)
@@ -437,10 +474,23 @@ class TrackingServer:
             )
         self._check_options(model, tracking)
         self._check_session_limit()
-        opened = await self.run_open(self.catalog.open_uri, source, options)
-        session = self.manager.open(opened, name=opened.spec.display, model=model, options=tracking)
+        if self.cluster:  # the policy is checked here, the source opens on the session host
+            spec = await self.run_cluster(self.catalog.check_uri, source, options)
+            session, _ = await self.run_cluster(
+                self.manager.open_remote, self._opener("open_uri", (source, options)), name=spec.display, model=model,
+                options=tracking,
+            )
+        else:
+            opened = await self.run_open(self.catalog.open_uri, source, options)
+            session = self.manager.open(opened, name=opened.spec.display, model=model, options=tracking)
         self.hub(session)
         return session, True
+
+    def _opener(self, method: str, args: tuple) -> Any:
+        """What a session host calls to open a source: the catalog's ``method`` under this config's policy."""
+        from server.ray_front import SourceOpener
+
+        return SourceOpener(self.config, method, args)
 
     def _check_options(self, model: str | None, tracking: dict[str, Any]) -> None:
         try:
@@ -498,10 +548,16 @@ class TrackingServer:
         except webrtc.WebRTCError as exc:
             raise ProtocolError("webrtc_error", str(exc), field="offer") from None
         self._check_session_limit()
+        if self.cluster:  # a push: session on a host; the publisher's frames are relayed to it
+            session, _ = await self.run_cluster(self.manager.open_remote, f"push:{name}", name=f"webrtc:{name}")
+            source = session.source
+        else:
+            session, source = None, name
         publisher = webrtc.WebRTCPublisher(
-            name, configuration=self.peer_configuration(), frame_timeout_s=self.config.webrtc.frame_timeout_s
+            source, configuration=self.peer_configuration(), frame_timeout_s=self.config.webrtc.frame_timeout_s
         )
-        session = self.manager.open(publisher.source, name=f"webrtc:{name}")
+        if session is None:
+            session = self.manager.open(publisher.source, name=f"webrtc:{name}")
         self.hub(session)
         try:
             answer = await publisher.accept(offer)
@@ -534,6 +590,11 @@ class TrackingServer:
 
     def hub_by_id(self, session_id: str) -> SessionHub | None:
         hub = self.hubs.get(session_id)
+        if hub is None and self.cluster:  # a session another front opened: every front serves it
+            try:
+                hub = self.hub(self.manager.get(session_id))
+            except SessionError:
+                return None
         if hub is None or hub.session.state == "closed":
             return None
         return hub

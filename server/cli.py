@@ -71,6 +71,15 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="a session that runs out of CUDA memory moves to the CPU (slow, logged) "
                         "instead of dropping its frames")
     s.add_argument("--no-page", action="store_true", help="do not serve the operator page at / (WebSocket and HTTP API only)")
+    g = s.add_argument_group("Ray cluster (optional extra: pip install -e .[ray]; docs/scaling.md)")
+    g.add_argument("--ray", metavar="ADDRESS", help="run the sessions on Ray session hosts: HOST:PORT of the head, "
+                   "auto (this machine's cluster, or $RAY_ADDRESS) or local (a private one); the [cluster] table")
+    g.add_argument("--ray-hosts", type=int, metavar="N", help="session hosts, one per device (default: as many as "
+                   "the cluster holds)")
+    g.add_argument("--ray-host-gpus", type=float, metavar="N",
+                   help="GPUs per session host, whole or fractional (default 1 where the cluster has GPUs)")
+    g.add_argument("--ray-namespace", metavar="NAME", help="Ray namespace the fronts of one service share "
+                   "(default sam2-stream)")
     add_model_args(s)
     s.set_defaults(func=cmd_serve, model=None, device=None)
     return s
@@ -167,6 +176,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         ("max_batch", args.max_batch), ("cpu_fallback", args.cpu_fallback)):
         if value is not None:
             setattr(model, attr, value)
+    for attr, value in (("address", args.ray), ("hosts", args.ray_hosts), ("host_gpus", args.ray_host_gpus),
+                        ("namespace", args.ray_namespace)):
+        if value is not None:
+            setattr(config.cluster, attr, value)
     sources = dict(config.sources)
     for text in args.source:
         name, sep, uri = text.partition("=")

@@ -37,6 +37,10 @@ through msgspec, so a wrong key or type is refused at start-up with its path
     dirs = ["/data/photos"]     # what image_open's "name" may read
     cache_bytes = 1073741824    # embeddings kept, all clients together
 
+    [cluster]                   # serve --ray: sessions on Ray session hosts (docs/scaling.md)
+    address = "10.0.0.2:6379"
+    max_sessions_per_host = 4
+
     [sources]                   # what clients open by name
     cam1 = "rtsp://user:pw@10.0.0.5/stream"
     clip = { uri = "clip.mp4", loop = true, options = { resize = 640 } }
@@ -234,6 +238,30 @@ class ImagesSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http_max_open: Annotated[int, msgspec.Meta(ge=1)] = 64
 
 
+class ClusterSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``serve --ray``: sessions run on Ray session hosts (:mod:`server.ray_front`, docs/scaling.md)."""
+
+    #: the cluster: HOST:PORT of its head, ``auto`` (this machine's, or $RAY_ADDRESS), ``local``
+    #: (a private one in this process); None: sessions run in this process (the default)
+    address: str | None = None
+    #: Ray namespace of the hosts and the directory: fronts of one service share it
+    namespace: str = "sam2-stream"
+    #: session hosts (one per device); None: as many as the cluster holds
+    hosts: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
+    #: what each host asks Ray for: CPUs, GPUs (whole or fractional; None: 1 where the cluster has GPUs)
+    host_cpus: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    host_gpus: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    #: custom Ray resources each host needs, e.g. { accelerator_type_A100 = 0.01 }
+    host_resources: dict[str, float] = {}
+    #: per-host limits placement respects (the cluster's total is [limits] max_sessions)
+    max_sessions_per_host: Annotated[int, msgspec.Meta(ge=1)] = 8
+    max_objects_per_host: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    #: frames between two snapshots of a session's tracking state (also after every prompt)
+    snapshot_every: Annotated[int, msgspec.Meta(ge=1)] = 30
+    #: how long the hosts may take to start (placed by Ray, models loaded)
+    start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+
+
 class SourceEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     uri: str
     #: files: start again at the end (default true); ignored for live sources
@@ -254,6 +282,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     policy: PolicySection = msgspec.field(default_factory=PolicySection)
     webrtc: WebRTCSection = msgspec.field(default_factory=WebRTCSection)
     images: ImagesSection = msgspec.field(default_factory=ImagesSection)
+    cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
     sources: dict[str, Union[str, SourceEntry]] = {}
     #: folder relative paths are read from (the config file's); not a file key
     base_dir: str | None = None
@@ -452,13 +481,18 @@ class SourceCatalog:
                 (``.option`` names it).
             SourceError: it cannot be parsed or opened.
         """
+        return open_source(self.check_uri(uri, options))
+
+    def check_uri(self, uri: str, options: dict[str, Any] | None = None) -> SourceSpec:
+        """A client-named URI parsed under the policy, as :meth:`open_uri` opens it
+        (files play live); raises as :meth:`open_uri` does, opening nothing."""
         options = dict(options or {})
         spec = parse_source(uri, policy=self.policy, **options)
         if spec.kind == "push":
             raise SourceNotAllowedError(f"source {spec.display} not allowed: push sources are named in the server's config")
         if spec.kind in ("file", "images") and "realtime" not in options and "mode" not in options:
             spec = parse_source(uri, policy=self.policy, mode="live", realtime=True, **options)
-        return open_source(spec)
+        return spec
 
 
 class LoopingSource(ThreadedSource):
