@@ -301,7 +301,11 @@ class TrackingServer:
         if self.images_http is not None:
             await self.images_http.stop()
         sessions = self.manager.list()
-        logger.info("shutting down: closing %d session(s), %d client(s)", len(sessions), len(self.clients))
+        if self.cluster:  # the cluster's sessions stay on their hosts for the other fronts
+            logger.info("shutting down: %d client(s); %d cluster session(s) stay on their hosts", len(self.clients),
+                        len(sessions))
+        else:
+            logger.info("shutting down: closing %d session(s), %d client(s)", len(sessions), len(self.clients))
         await self.run_blocking(self.manager.close_all)
         for publisher in list(self._publishers.values()):
             with contextlib.suppress(Exception):

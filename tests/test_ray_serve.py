@@ -218,3 +218,15 @@ else:
                 assert new_host in listed[0].device
 
         asyncio.run(run())
+
+        # a front that dies loses only its connections: its client rejoins through the other front
+        a.stop()
+
+        async def rejoin():
+            async with Client(b.url) as cb:
+                s = await cb.open("cam")
+                await asyncio.to_thread(push, b.server, s.id, FRAMES[14])
+                f = await next_frame(s, None)
+                assert sorted(f.masks) == [1]
+
+        asyncio.run(rejoin())
