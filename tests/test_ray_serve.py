@@ -6,6 +6,8 @@ in a loopback-only namespace, see tests/ray_netns.py).
   single-machine server's on the same frames and prompts;
 - a second front joins the same session by name and both clients get every frame;
   ``list_sessions`` and ``stats`` work from both;
+- a robot publishes its video over WebRTC to a front: the frames are relayed to a
+  host, where the session runs, and the clicked object is tracked;
 - the node holding the session is removed mid-stream: the session goes on on the
   other node's host, clients get a ``moved`` event and the object prompted before
   the loss is still tracked.
@@ -173,6 +175,54 @@ else:
                 await sb.unsubscribe()
 
         asyncio.run(run())
+
+    def test_video_published_over_webrtc_to_a_front_is_relayed_to_a_host_and_tracked(fronts):
+        """A robot publishes its camera to a front: the session runs on a host, frames relayed by the front."""
+        import av
+        import ray
+        from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+
+        from server.client import Client
+        from server.webrtc_signalling import description_to_dict, ice_host_addresses, peer_configuration
+
+        class Clip(MediaStreamTrack):
+            kind = "video"
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.count = 0
+
+            async def recv(self):
+                await asyncio.sleep(1 / 5)
+                frame = av.VideoFrame.from_ndarray(FRAMES[self.count % len(FRAMES)], format="rgb24")
+                frame.pts, frame.time_base = self.count * 18_000, __import__("fractions").Fraction(1, 90_000)
+                self.count += 1
+                return frame
+
+        b = fronts[1]
+
+        async def run():
+            pc = RTCPeerConnection(peer_configuration())
+            pc.addTrack(Clip())
+            async with Client(b.url) as c:
+                await pc.setLocalDescription(await pc.createOffer())
+                answer, sid = await c.publish_webrtc(description_to_dict(pc.localDescription), name="robot")
+                await pc.setRemoteDescription(RTCSessionDescription(**answer))
+                hosts = [ray.get(ray.get_actor(f"sam2-stream-host{i}").find.remote("webrtc:robot")) for i in range(2)]
+                assert sid in hosts  # the publisher's session runs on a host
+                s = await c.subscribe(sid)
+                first = await next_frame(s, None, 60)
+                obj = await s.click(*POINT, frame=first.frame_idx)
+                f = await next_frame(s, first.frame_idx, 60)
+                f = await next_frame(s, f.frame_idx, 60)
+                assert sorted(f.masks) == [obj] and f.masks[obj].shape == (H, W)
+                relay = b.server.manager.get(sid).source
+                assert relay.relayed >= 3
+                await s.close()
+            await pc.close()
+
+        with ice_host_addresses(["127.0.0.1"]):
+            asyncio.run(run())
 
     def test_removing_the_node_of_a_session_moves_it_with_its_objects(cluster, fronts):
         import ray
