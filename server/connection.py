@@ -670,6 +670,12 @@ class ClientConnection:
         if not self.server.config.webrtc.view:
             raise ProtocolError("not_allowed", "this server sends no WebRTC video ([webrtc] view = false)")
         hub = self._hub(req.session_id)
+        if self.server.cluster:
+            raise ProtocolError(
+                "not_supported",
+                f"session {hub.session.id} runs on a Ray session host and its video stays there; "
+                "receive its masks over the WebSocket instead",
+            )
         webrtc = self.server.webrtc_module()
         offer = {"sdp": req.offer.sdp, "type": req.offer.type}
         try:

@@ -6,6 +6,8 @@ in a loopback-only namespace, see tests/ray_netns.py).
   single-machine server's on the same frames and prompts;
 - a second front joins the same session by name and both clients get every frame;
   ``list_sessions`` and ``stats`` work from both;
+- bad prompts, a model the server lacks and ``webrtc_view`` get clear errors with the
+  embedded server's codes, and the session goes on;
 - a robot publishes its video over WebRTC to a front: the frames are relayed to a
   host, where the session runs, and the clicked object is tracked;
 - the node holding the session is removed mid-stream: the session goes on on the
@@ -173,6 +175,36 @@ else:
                 assert got_a == list(range(got_a[0], got_a[0] + 4))
                 await sa.unsubscribe()
                 await sb.unsubscribe()
+
+        asyncio.run(run())
+
+    def test_bad_requests_through_a_front_get_the_embedded_servers_errors(fronts):
+        """Errors raised on the host reach the client with the codes the embedded server uses; the session goes on."""
+        from server.client import Client, RemoteError
+
+        a = fronts[0]
+
+        async def run():
+            async with Client(a.url) as c:
+                s = await c.open("cam")
+                await asyncio.to_thread(push, a.server, s.id, FRAMES[6])
+                f = await next_frame(s, None)
+                with pytest.raises(RemoteError) as err:
+                    await s.add_points([(W * 10, H * 10)], [1], frame=f.frame_idx, obj=1)
+                assert err.value.code == "prompt_error" and "outside" in str(err.value)
+                with pytest.raises(RemoteError) as err:
+                    await s.add_points([POINT], [1], frame=10_000, obj=1)
+                assert err.value.code == "frame_not_available"
+                with pytest.raises(RemoteError) as err:
+                    await c.open("cam", model="nope")
+                assert err.value.code == "invalid_option"
+                with pytest.raises(RemoteError) as err:
+                    await c.view_webrtc(s.id, {"sdp": "v=0", "type": "offer"})
+                assert err.value.code == "not_supported" and "Ray session host" in str(err.value)
+                await asyncio.to_thread(push, a.server, s.id, FRAMES[7])
+                f = await next_frame(s, f.frame_idx)
+                assert sorted(f.masks) == [1]  # the object and the session are as they were
+                await s.unsubscribe()
 
         asyncio.run(run())
 
