@@ -35,10 +35,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def latency_args(doc: str, rounds: int) -> argparse.Namespace:
+    """The Ray latency benchmarks' flags; as root, the rest runs in a loopback-only namespace with token auth."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=30, help="frames per round")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--no-netns", action="store_true")
     args = p.parse_args()
@@ -46,6 +47,11 @@ def main() -> None:
         reexec_in_netns()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    return args
+
+
+def main() -> None:
+    args = latency_args(__doc__ or "", rounds=2)
 
     import ray
     import torch

@@ -22,10 +22,7 @@ Run as root it re-executes itself in a loopback-only network namespace
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
-import secrets
 import statistics
 import sys
 import time
@@ -34,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ray_annotate import MIB, reexec_in_netns  # noqa: E402
-from bench.bench_ray_hosts import percentile  # noqa: E402
+from bench.bench_ray_annotate import MIB  # noqa: E402
+from bench.bench_ray_hosts import latency_args, percentile  # noqa: E402
 
 
 def make_config(image_size: int, cluster_address: str | None):  # type: ignore[no-untyped-def]
@@ -77,16 +74,7 @@ async def drive(server, url: str, frames, point) -> tuple[list[float], float]:  
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frames", type=int, default=30, help="frames per round")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--no-netns", action="store_true")
-    args = p.parse_args()
-    if not args.no_netns:
-        reexec_in_netns()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    args = latency_args(__doc__ or "", rounds=4)
 
     import ray
     import torch

@@ -370,12 +370,24 @@ class RemoteSession:
         return self._submit(lambda: _call(self.host_handle().reset.remote(self.id), 120))
 
     def pause(self) -> None:
-        self._check_open()
-        self.state = _call(self.host_handle().pause.remote(self.id), 10)
+        """Pause on the host; returns at once (the server calls it on its event loop)."""
+        self._control("pause", "paused")
 
     def resume(self) -> None:
+        self._control("resume", "running")
+
+    def _control(self, method: str, state: str) -> None:
         self._check_open()
-        self.state = _call(self.host_handle().resume.remote(self.id), 10)
+        self.state = state  # the host's `paused` / `resumed` event follows in the stream
+        ref = getattr(self.host_handle(), method).remote(self.id)
+
+        def wait() -> None:
+            try:
+                self.state = _call(ref, 30)
+            except Exception as exc:
+                logger.warning("session %s: %s on host %s failed: %s", self.id, method, self.host, exc)
+
+        self.manager.executor.submit(wait)
 
 
 class RemoteSessionManager:
@@ -505,7 +517,7 @@ class RemoteSessionManager:
     def find_by_name(self, name: str, wait: bool = False) -> RemoteSession | None:
         """The open session called ``name`` anywhere in the cluster (``wait``: until the next refresh has run)."""
         for attempt in range(2 if wait else 1):
-            for s in list(self._sessions.values()):
+            for s in self.list():
                 if s.name == name and s.state != "closed":
                     return s
             if wait:
@@ -514,7 +526,9 @@ class RemoteSessionManager:
         return None
 
     def list(self) -> list[RemoteSession]:
-        return [s for s in self._sessions.values() if s.state != "closed"]
+        with self._lock:  # the refresh thread changes the table
+            sessions = list(self._sessions.values())
+        return [s for s in sessions if s.state != "closed"]
 
     def close(self, session_id: str, reason: str = "closed by a client") -> None:
         session = self.get(session_id)

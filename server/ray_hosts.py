@@ -74,8 +74,6 @@ def decode_state(data: bytes) -> dict[str, Any]:
 
 def result_record(result: Any, timing: tuple[float | None, float | None, float | None] = (None, None, None)) -> dict[str, Any]:
     """A FrameResult as a compact, exact record for a front (RLE masks, scores as computed)."""
-    from tracker.masks import encode_rle
-
     return {
         "kind": "result", "frame_idx": result.frame_idx, "size_hw": (result.height, result.width),
         "pts_s": result.pts_s, "arrival_s": result.arrival_s, "processed_s": result.processed_s,
