@@ -629,6 +629,7 @@ class RemoteSessionManager:
 
     def _follow(self, session: RemoteSession, host: str) -> None:
         session.host = host
+        session.predictor.device = f"{session.predictor.device.rsplit(' on ', 1)[0]} on {host}"
         session._seq = 0  # the new host's stream starts with the `moved` event: read it all
         session._fresh = False
 

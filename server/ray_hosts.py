@@ -135,6 +135,12 @@ class SessionDirectory:
         self._recovering: dict[str, float] = {}  # name -> when a front claimed its re-creation
         self._reserved: dict[str, float] = {}  # name -> when a front began to open it
 
+    def node_id(self) -> str:
+        """The Ray node the directory runs on (the head's)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def reserve(self, name: str) -> str:
         """A front is about to open session ``name``: ``ok`` (go on), ``placed`` (it runs: join
         it), ``opening`` (another front is opening it: wait). Names are unique in the cluster."""
@@ -486,6 +492,8 @@ class SessionHost:
 
 HOST_ACTOR_PREFIX = "sam2-stream-host"
 DIRECTORY_ACTOR = "sam2-stream-directory"
+#: the resource only the head node has (ray._common.constants.HEAD_NODE_RESOURCE_NAME)
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def _host_class(max_concurrency: int = 16) -> Any:
@@ -512,12 +520,17 @@ def start_hosts(spec: ModelSpec | dict[str, ModelSpec], count: int, *, directory
 
 
 def ensure_directory(namespace: str) -> Any:
-    """The cluster's one :class:`SessionDirectory` (a detached named actor), started by the first front."""
+    """The cluster's one :class:`SessionDirectory` (a detached named actor), started by the first front.
+
+    It lives on the head node (as Ray's own detached state actors do): never on a node
+    whose loss it must survive. The head holds the cluster's GCS, so losing it is losing
+    the cluster anyway.
+    """
     import ray
 
     Directory = ray.remote(max_restarts=0, num_cpus=0)(SessionDirectory)
-    return Directory.options(name=DIRECTORY_ACTOR, namespace=namespace, lifetime="detached",
-                             get_if_exists=True).remote()
+    return Directory.options(name=DIRECTORY_ACTOR, namespace=namespace, lifetime="detached", get_if_exists=True,
+                             resources={HEAD_NODE_RESOURCE: 0.001}).remote()
 
 
 def ensure_hosts(spec: ModelSpec | dict[str, ModelSpec], count: int, *, namespace: str, directory: Any,

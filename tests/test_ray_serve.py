@@ -201,6 +201,14 @@ else:
                 with pytest.raises(RemoteError) as err:
                     await c.view_webrtc(s.id, {"sdp": "v=0", "type": "offer"})
                 assert err.value.code == "not_supported" and "Ray session host" in str(err.value)
+                await s.pause()  # controls are actor calls: the host's session pauses, its event comes back
+                event = await s.next_event(timeout=30)
+                while event.kind != "paused":
+                    event = await s.next_event(timeout=30)
+                await s.resume()
+                event = await s.next_event(timeout=30)
+                while event.kind != "resumed":
+                    event = await s.next_event(timeout=30)
                 await asyncio.to_thread(push, a.server, s.id, FRAMES[7])
                 f = await next_frame(s, f.frame_idx)
                 assert sorted(f.masks) == [1]  # the object and the session are as they were
@@ -271,7 +279,10 @@ else:
                 before = await next_frame(sa, None)
                 assert sorted(before.masks) == [1]
                 await next_frame(sb, None)
-                host_name = ray.get(ray.get_actor("sam2-stream-directory").host_of.remote("cam"))
+                directory = ray.get_actor("sam2-stream-directory")
+                head = cluster.head_node.node_id
+                assert ray.get(directory.node_id.remote()) == head  # on the head: it survives any worker node
+                host_name = ray.get(directory.host_of.remote("cam"))
                 node_id = ray.get(ray.get_actor(host_name).node_id.remote())
                 node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
                 cluster.remove_node(node, allow_graceful=False)
@@ -295,9 +306,14 @@ else:
                     f = await next_frame(sa, -1)
                     fb = await next_frame(sb, -1)
                     assert sorted(f.masks) == [1] and sorted(fb.masks) == [1]  # the object prompted before the loss
-                listed = await ca.list_sessions()
+                deadline = time.monotonic() + 30  # each front's table follows within a few refreshes
+                while True:
+                    listed = await ca.list_sessions()
+                    if new_host in listed[0].device or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.5)
                 assert [(s.session_id, s.name, s.objects) for s in listed] == [(sa.id, "cam", [1])]
-                assert new_host in listed[0].device
+                assert listed[0].device == f"cpu on {new_host}"
 
         asyncio.run(run())
 
