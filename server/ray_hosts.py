@@ -571,25 +571,34 @@ def ensure_hosts(spec: ModelSpec | dict[str, ModelSpec], count: int, *, namespac
     return hosts
 
 
+def pick_host(capacities: dict[str, dict[str, Any]]) -> str | None:
+    """The host with the most free capacity among ``capacities`` (:meth:`SessionHost.capacity`
+    of each live host): free session slots, then free object slots (fewest objects where
+    unlimited), then free device memory. Hosts at a limit take nothing: None when all are."""
+    free: list[tuple[int, int, int, str]] = []
+    for name, c in capacities.items():
+        limit = c.get("max_objects")
+        objects_free = -c["objects"] if limit is None else limit - c["objects"]
+        if c["sessions"] < c["max_sessions"] and (limit is None or objects_free > 0):
+            free.append((c["max_sessions"] - c["sessions"], objects_free, c.get("free_device_memory") or 0, name))
+    return max(free)[3] if free else None
+
+
 def place(hosts: dict[str, Any], timeout_s: float = 10.0) -> str:
-    """The live host with the most free capacity: free session slots, then free object
-    slots (fewest objects where unlimited), then free device memory; hosts at a limit
-    take nothing, and a full cluster is an error."""
+    """The live host :func:`pick_host` chooses; a full (or unreachable) cluster is an error."""
     import ray
 
     asks = {name: h.capacity.remote() for name, h in hosts.items()}
-    free: list[tuple[int, int, int, str]] = []
+    capacities = {}
     for name, ref in asks.items():
         try:
-            c = ray.get(ref, timeout=timeout_s)
+            capacities[name] = ray.get(ref, timeout=timeout_s)
         except Exception:  # a dead or unreachable host takes no session
             continue
-        objects_free = -c["objects"] if c.get("max_objects") is None else c["max_objects"] - c["objects"]
-        if c["sessions"] < c["max_sessions"] and (c.get("max_objects") is None or objects_free > 0):
-            free.append((c["max_sessions"] - c["sessions"], objects_free, c.get("free_device_memory") or 0, name))
-    if not free:
+    chosen = pick_host(capacities)
+    if chosen is None:
         raise ClusterError(f"every session host is full or unreachable ({len(hosts)} hosts); add hosts or close sessions")
-    return max(free)[3]
+    return chosen
 
 
 def recover(name: str, hosts: dict[str, Any], directory: Any, *, lost: str) -> tuple[str, dict[str, Any]]:
@@ -606,5 +615,5 @@ def recover(name: str, hosts: dict[str, Any], directory: Any, *, lost: str) -> t
     return target, info
 
 
-__all__ = ["SessionDirectory", "SessionHost", "Snapshot", "ensure_directory", "ensure_hosts", "place", "recover",
+__all__ = ["SessionDirectory", "SessionHost", "Snapshot", "ensure_directory", "ensure_hosts", "pick_host", "place", "recover",
            "record_result", "result_record", "start_hosts"]
