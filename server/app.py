@@ -201,6 +201,12 @@ class TrackingServer:
             cpu_fallback=cfg.model.cpu_fallback,
         )
 
+    def _abort_start(self) -> None:
+        """A start that fails after the sessions' manager exists: stop the worker, leave the cluster's sessions."""
+        self.worker.stop()
+        if self.cluster:
+            self.manager.close_all()
+
     async def start(self) -> None:
         """Start the worker and listen; returns once clients can connect."""
         cfg = self.config
@@ -223,7 +229,7 @@ class TrackingServer:
             try:
                 self.manager.check_options(model_name, tracking)
             except OptionError as exc:
-                self.worker.stop()
+                self._abort_start()
                 raise ConfigError(f"source {name!r} in the config: {exc}") from None
         self.encoder_pool = ThreadPoolExecutor(2, thread_name_prefix="sam2-stream-encode")
         self._blocking_pool = ThreadPoolExecutor(4, thread_name_prefix="sam2-stream-io")
@@ -264,7 +270,7 @@ class TrackingServer:
                 logger=logging.getLogger("sam2-stream.websockets"),
             )
         except BaseException:
-            self.worker.stop()
+            self._abort_start()
             raise
         self.port = self._ws.sockets[0].getsockname()[1]
         if self.images is not None and cfg.images.http_port is not None:
@@ -275,7 +281,7 @@ class TrackingServer:
                 await self.images_http.start(s.host, cfg.images.http_port, self._ssl)
             except BaseException:
                 self._ws.close()
-                self.worker.stop()
+                self._abort_start()
                 raise
         self.started_s = time.time()
         self.spawn(self._housekeeping())
@@ -326,7 +332,10 @@ class TrackingServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for worker in self.manager.workers:
+        workers = list(self.manager.workers)  # a Ray front's own worker (image mode) is not among them
+        if self.worker not in workers:
+            workers.append(self.worker)
+        for worker in workers:
             await self.run_blocking(worker.stop)
         if self.images is not None:
             await self.run_blocking(self.images.stop)

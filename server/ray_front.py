@@ -180,6 +180,7 @@ class RemoteSession:
         self.source: Any = _SourceView(str(row.get("source", "")))
         self.predictor = _PredictorView()
         self.created_s = time.time()
+        self.moved_s = 0.0
         self.last_subscriber_s = time.time()
         self._row: dict[str, Any] = {}
         self._subscribers: dict[int, Callable[[Any], None]] = {}
@@ -199,7 +200,9 @@ class RemoteSession:
     def update(self, row: dict[str, Any]) -> None:
         """Take the host's latest figures for this session (the refresh thread's table)."""
         self._row = row
-        self.host = row.get("host", self.host)
+        host = row.get("host", self.host)
+        if host != self.host:  # another front moved it: read the new host's stream from its start
+            self.manager._follow(self, host)
         if self.state != "closed":
             self.state = row.get("state", self.state)
         self.model_name = row.get("model") or self.model_name
@@ -289,7 +292,11 @@ class RemoteSession:
 
         failing_since: float | None = None
         self._fresh = True  # a new reader starts at the stream's end: past results are not replayed
-        while self.state != "closed" and self._subscribers and not self.manager.stopped:
+        while True:
+            with self._lock:  # decided under the lock subscribe() takes: no subscriber is left unread
+                if self.state == "closed" or not self._subscribers or self.manager.stopped:
+                    self._poller = None
+                    return
             host = self.host
             try:
                 if self._fresh:
@@ -309,10 +316,12 @@ class RemoteSession:
             except Exception:  # unavailable or slow: taken for dead after UNREACHABLE_S
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > UNREACHABLE_S:
-                    self.manager.recover_session(self, lost=host)
+                    self.manager.recover_session(self, lost=host, fence=True)
                     failing_since = None
                 else:
                     time.sleep(0.5)
+                continue
+            if self.host != host:  # followed to another host meanwhile: these records are the old stream's
                 continue
             newest = None
             for record in records:
@@ -383,7 +392,9 @@ class RemoteSession:
 
         def wait() -> None:
             try:
-                self.state = _call(ref, 30)
+                state = _call(ref, 30)
+                if self.state != "closed":
+                    self.state = state
             except Exception as exc:
                 logger.warning("session %s: %s on host %s failed: %s", self.id, method, self.host, exc)
 
@@ -491,7 +502,12 @@ class RemoteSessionManager:
             if len(self.list()) >= self.max_sessions:
                 raise SessionError(f"the cluster already runs {self.max_sessions} sessions (the limit); "
                                    "close one or subscribe to one")
-            host = place({k: v for k, v in self.hosts.items() if k not in self.dead})
+            try:
+                host = place({k: v for k, v in self.hosts.items() if k not in self.dead})
+            except ClusterError as exc:
+                from server.protocol import ProtocolError
+
+                raise ProtocolError("limit_exceeded", str(exc)) from None
             info = _call(self.hosts[host].open.remote(source, name=name, model=model, options=options), 120)
             ray.get(self.directory.placed.remote(name, host))
         except BaseException:
@@ -536,6 +552,9 @@ class RemoteSessionManager:
             _call(session.host_handle().close.remote(session_id, reason), 30)
         except SessionError:
             pass  # closed there already
+        except Exception as exc:  # its host is dead or unreachable: nothing to recover it for
+            logger.warning("session %s: closing it on %s failed (%s); forgotten", session_id, session.host, exc)
+            self.directory.forget.remote(session.name)
         session.mark_closed(reason)
         logger.info("session %s closed: %s", session_id, reason)
 
@@ -586,18 +605,31 @@ class RemoteSessionManager:
                 if session.state == "closed":
                     del self._sessions[sid]
                 elif sid not in rows and session.host in answered and not session._moving.locked() \
-                        and time.time() - session.created_s > 2 * REFRESH_S:
+                        and time.time() - max(session.created_s, session.moved_s) > 2 * REFRESH_S:
                     session.mark_closed(f"closed on its host {session.host}")
                 elif session.host in self.dead and not (session._poller and session._poller.is_alive()) \
                         and not session._moving.locked():
                     threading.Thread(target=self.recover_session, args=(session,), kwargs={"lost": session.host},
                                      daemon=True).start()
 
-    def recover_session(self, session: RemoteSession, *, lost: str) -> bool:
-        """``session``'s host ``lost`` died: re-create it elsewhere (or follow the front that does)."""
+    def recover_session(self, session: RemoteSession, *, lost: str, fence: bool = False) -> bool:
+        """``session``'s host ``lost`` died: re-create it elsewhere (or follow the front that does).
+
+        ``fence``: the host did not answer for :data:`UNREACHABLE_S` but may still run: it is
+        killed first, so the session never runs twice.
+        """
+        import ray
+
         with session._moving:
             if session.host != lost or session.state == "closed":
                 return True  # another thread of this front moved it already
+            if fence:
+                logger.warning("session host %s has not answered for %g s: killing it before its sessions move",
+                               lost, UNREACHABLE_S)
+                try:
+                    ray.kill(self.hosts[lost], no_restart=True)
+                except Exception:
+                    logger.debug("killing %s failed", lost, exc_info=True)
             self.dead.add(lost)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not self.stopped:
@@ -629,6 +661,7 @@ class RemoteSessionManager:
 
     def _follow(self, session: RemoteSession, host: str) -> None:
         session.host = host
+        session.moved_s = time.time()
         session.predictor.device = f"{session.predictor.device.rsplit(' on ', 1)[0]} on {host}"
         session._seq = 0  # the new host's stream starts with the `moved` event: read it all
         session._fresh = False

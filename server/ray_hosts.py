@@ -161,6 +161,9 @@ class SessionDirectory:
         self._reserved.pop(name, None)
 
     def save(self, snapshot: Snapshot) -> None:
+        placed = self._hosts.get(snapshot.name)
+        if placed is not None and placed != snapshot.host:
+            return  # a stale copy on a host the session has left
         old = self._snapshots.get(snapshot.name)
         if old is None or snapshot.time_s >= old.time_s:
             self._snapshots[snapshot.name] = snapshot
@@ -171,7 +174,11 @@ class SessionDirectory:
     def host_of(self, name: str) -> str | None:
         return self._hosts.get(name)
 
-    def forget(self, name: str) -> None:
+    def forget(self, name: str, host: str | None = None) -> None:
+        """``name`` closed (on ``host``: only if the directory has it there, so a stale copy
+        closing never takes the live session's entry and snapshot with it)."""
+        if host is not None and self._hosts.get(name, host) != host:
+            return
         self._hosts.pop(name, None)
         self._snapshots.pop(name, None)
         self._recovering.pop(name, None)
@@ -321,6 +328,18 @@ class SessionHost:
 
         src = source() if callable(source) else open_source(source, mode="live")
         session = self.manager.open(src, name=name, model=model, options=options, session_id=session_id)
+        try:
+            return self._start(session, src, source, name, model, options, snapshot, moved_from)
+        except BaseException:  # nothing half-open stays behind (a session nobody knows of, its camera)
+            self._meta.pop(session.id, None)
+            self._streams.pop(session.id, None)
+            self._sources.pop(session.id, None)
+            with contextlib.suppress(Exception):
+                self.manager.close(session.id, "its open failed")
+            raise
+
+    def _start(self, session: Any, src: Any, source: Any, name: str, model: str | None,
+               options: dict[str, Any] | None, snapshot: Snapshot | None, moved_from: str | None) -> dict[str, Any]:
         stream = self._streams[session.id] = _Stream(STREAM_DEPTH)
         self._sources[session.id] = src
         self._meta[session.id] = {"source": source, "model": model, "options": dict(options or {}), "frames": 0,
@@ -378,7 +397,7 @@ class SessionHost:
     def close(self, session_id: str, reason: str = "closed by a client") -> None:
         session = self.manager.get(session_id)
         if self.directory is not None:
-            self.directory.forget.remote(session.name)
+            self.directory.forget.remote(session.name, self.name)
         self.manager.close(session_id, reason)  # its `closed` event goes into the stream
         self._sources.pop(session_id, None)
         self._meta.pop(session_id, None)
@@ -610,8 +629,10 @@ def recover(name: str, hosts: dict[str, Any], directory: Any, *, lost: str) -> t
         raise ClusterError(f"session {name!r} has no snapshot to recover from")
     alive = {k: v for k, v in hosts.items() if k != lost}
     target = place(alive)
+    # bounded well below RECOVERY_CLAIM_S, so no other front's claim can start while this open runs
     info = ray.get(hosts[target].open.remote(snapshot.source, name=name, model=snapshot.model, options=snapshot.options,
-                                             snapshot=snapshot, moved_from=lost, session_id=snapshot.session_id or None))
+                                             snapshot=snapshot, moved_from=lost, session_id=snapshot.session_id or None),
+                   timeout=RECOVERY_CLAIM_S / 2)
     return target, info
 
 

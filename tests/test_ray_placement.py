@@ -57,6 +57,18 @@ def test_one_front_re_creates_a_lost_session_and_the_others_follow():
     assert d.host_of("cam2") is None and d.claim_recovery("cam2", "host1") == "done"
 
 
+def test_a_stale_copy_closing_or_saving_never_touches_the_live_session():
+    d = SessionDirectory()
+    d.placed("cam1", "host1")  # it moved from host0, which was only unreachable
+    live = Snapshot("cam1", "push:cam1", None, {}, b"live", 10, [1], "host1", 5.0, "s1")
+    d.save(live)
+    d.save(Snapshot("cam1", "push:cam1", None, {}, b"stale", 99, [1], "host0", 9.0, "s1"))
+    d.forget("cam1", "host0")
+    assert d.host_of("cam1") == "host1" and d.snapshot("cam1") is live
+    d.forget("cam1", "host1")
+    assert d.host_of("cam1") is None and d.snapshot("cam1") is None
+
+
 def test_the_directory_keeps_the_newest_snapshot():
     d = SessionDirectory()
     new = Snapshot("cam1", "push:cam1", None, {}, b"new", 60, [1], "host0", 20.0, "s1")
