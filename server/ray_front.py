@@ -221,7 +221,7 @@ class RemoteSession:
         p = self.predictor
         p.obj_ids = list(row.get("objects", p.obj_ids))
         p.newest_frame_idx = row.get("newest_frame_idx", p.newest_frame_idx)
-        p.device = f"{row.get('device', p.device)} on {self.host}"
+        p.device = row.get("device", p.device)  # the host's device; info() names the host beside it
 
     def info(self) -> dict[str, Any]:
         return {
@@ -231,7 +231,7 @@ class RemoteSession:
             "state": self.state,
             "objects": list(self.predictor.obj_ids),
             "model": self.model_name,
-            "device": self.predictor.device,
+            "device": f"{self.predictor.device} on {self.host}",
             "tracking": dict(self._row.get("tracking", {})),
             "subscribers": self.subscriber_count,
             "frames_processed": self.stats.frames_processed,
@@ -662,7 +662,6 @@ class RemoteSessionManager:
     def _follow(self, session: RemoteSession, host: str) -> None:
         session.host = host
         session.moved_s = time.time()
-        session.predictor.device = f"{session.predictor.device.rsplit(' on ', 1)[0]} on {host}"
         session._seq = 0  # the new host's stream starts with the `moved` event: read it all
         session._fresh = False
 

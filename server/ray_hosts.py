@@ -126,6 +126,16 @@ class Snapshot:
     session_id: str = ""
 
 
+def _take_lease(leases: dict[str, float], name: str, lapse_s: float) -> bool:
+    """Take ``name``'s lease in ``leases`` unless someone took it less than ``lapse_s`` ago
+    (a lease lapses: its holder, a front, may have died while holding it)."""
+    started = leases.get(name)
+    if started is not None and time.time() - started < lapse_s:
+        return False
+    leases[name] = time.time()
+    return True
+
+
 class SessionDirectory:
     """One actor for the cluster: session name → (host, last snapshot). Fronts and hosts share it."""
 
@@ -146,11 +156,7 @@ class SessionDirectory:
         it), ``opening`` (another front is opening it: wait). Names are unique in the cluster."""
         if name in self._hosts:
             return "placed"
-        started = self._reserved.get(name)
-        if started is not None and time.time() - started < RESERVATION_S:
-            return "opening"
-        self._reserved[name] = time.time()
-        return "ok"
+        return "ok" if _take_lease(self._reserved, name, RESERVATION_S) else "opening"
 
     def release(self, name: str) -> None:
         """The open of a reserved name failed."""
@@ -189,11 +195,7 @@ class SessionDirectory:
         already lives elsewhere (or was closed)."""
         if self._hosts.get(name) != lost:
             return "done"
-        started = self._recovering.get(name)
-        if started is not None and time.time() - started < RECOVERY_CLAIM_S:
-            return "wait"
-        self._recovering[name] = time.time()
-        return "go"
+        return "go" if _take_lease(self._recovering, name, RECOVERY_CLAIM_S) else "wait"
 
     def recovered(self, name: str, host: str | None) -> None:
         """The claim of :meth:`claim_recovery` is over: ``name`` lives on ``host`` (None: it could not be re-created)."""
