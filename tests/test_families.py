@@ -9,6 +9,9 @@ The reference makes exactly the calls a user of the library would: a new frame
 is ``model(session, frame=pixels)``; a prompt is the processor's
 ``add_inputs_to_inference_session`` then ``model(session, frame_idx=f)``, and
 a prompt on an older frame re-runs the frames after it up to the newest.
+The reference runs on the library's model as it ships; the predictor on the
+model as the service builds it, with the inference speed-ups
+(``tracker.families.speedups``), so those are inside what is compared.
 """
 
 from __future__ import annotations
@@ -33,12 +36,27 @@ N_FRAMES = 14
 TOL = 1e-4
 
 
+#: each family's model as the library ships it (``fast=False``), with the same
+#: weights as the served model: every reference runs on it, so the served model's
+#: speed-ups (tracker.families.speedups) are inside what is compared
+SHIPPED: dict[str, torch.nn.Module] = {}
+
+
+def family_kwargs(name: str) -> dict[str, Any]:
+    return {"device": torch.device("cpu"), "image_size": SIZES[name], "random_weights_seed": 0, "reduced": True}
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """The model as the service builds it (with the inference speed-ups)."""
     torch.set_num_threads(2)
-    return build_family_model(
-        request.param, device=torch.device("cpu"), image_size=SIZES[request.param], random_weights_seed=0, reduced=True
-    )
+    SHIPPED[request.param] = build_family_model(request.param, fast=False, **family_kwargs(request.param))
+    return build_family_model(request.param, **family_kwargs(request.param))
+
+
+def shipped(model: torch.nn.Module) -> torch.nn.Module:
+    """The library's own model with ``model``'s weights (see :data:`SHIPPED`)."""
+    return SHIPPED[model.stream_family.name]
 
 
 def frames(n: int = N_FRAMES, seed: int = 0) -> list[np.ndarray]:
@@ -106,7 +124,7 @@ def run_both(model: torch.nn.Module, script: dict[int, list[dict[str, Any]]], *,
     ``script``: frame index -> prompts made after that frame was tracked (each
     with ``obj_id``, optional ``frame`` (a past frame), and points/box/mask)."""
     pred = make_predictor(model, max_prompt_frames=3, min_prompt_frames=3, **options)
-    ref = Reference(model)
+    ref = Reference(shipped(model))
     removals = removals or {}
     removed: set[int] = set()
     compared = 0
@@ -168,6 +186,69 @@ def test_three_objects_points_box_mask(family_model: torch.nn.Module) -> None:
     pred, compared = run_both(family_model, script)
     assert compared == 3 * (N_FRAMES - 2) + 2
     assert_bounded(pred)
+
+
+def batched_frames(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int], Any]:
+    """Record the frames the predictor tracks through the batched step, and the
+    batch sizes memory attention sees on ``model`` (until the returned hook is removed)."""
+    from tracker.families import hf_video
+
+    frames_seen: list[int] = []
+    batches: list[int] = []
+    real = hf_video.track_batched
+
+    def spy(m: torch.nn.Module, session: Any, frame_idx: int, **kwargs: Any) -> Any:
+        frames_seen.append(frame_idx)
+        return real(m, session, frame_idx, **kwargs)
+
+    monkeypatch.setattr(hf_video, "track_batched", spy)
+    hook = model.memory_attention.register_forward_hook(
+        lambda module, args, kwargs, out: batches.append(int(kwargs["current_vision_features"].shape[1])), with_kwargs=True
+    )
+    return frames_seen, batches, hook
+
+
+def test_objects_are_batched_and_equal_the_library_one_by_one(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three objects prompted on frame 0: every later frame tracks them as one
+    batch (one memory-attention call of batch 3), and every mask equals the
+    library's object-by-object loop (``run_both``'s comparison at 1e-4)."""
+    frames_seen, batches, hook = batched_frames(family_model, monkeypatch)
+    script = {0: [{"obj_id": k, "points": [[30 + 40 * k, 50]], "labels": [1]} for k in (1, 2, 3)]}
+    try:
+        pred, compared = run_both(family_model, script)
+    finally:
+        hook.remove()
+    assert compared == 3 * (N_FRAMES - 1)
+    assert frames_seen == list(range(1, N_FRAMES))
+    assert batches == [3] * (N_FRAMES - 1)
+    assert_bounded(pred)
+
+
+def test_objects_of_different_memories_are_batched_by_layout(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object added on frame 3 has fewer memories and pointers than the two
+    prompted on frame 0 until its banks fill: memory attention runs one batch
+    per layout (2 + 1), then one of 3; the masks still equal the library's."""
+    frames_seen, batches, hook = batched_frames(family_model, monkeypatch)
+    script = {
+        0: [{"obj_id": 1, "points": [[60, 50]], "labels": [1]}, {"obj_id": 2, "points": [[120, 50]], "labels": [1]}],
+        3: [{"obj_id": 5, "box": [10, 70, 60, 115]}],
+    }
+    try:
+        run_both(family_model, script)
+    finally:
+        hook.remove()
+    assert frames_seen == list(range(1, N_FRAMES))  # the prompt on frame 3 (after it was tracked): the library's step
+    assert batches[:3] == [2, 2, 2] and 1 in batches and batches[-1] == 3
+
+
+def test_batch_objects_false_runs_the_library_loop(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames_seen, batches, hook = batched_frames(family_model, monkeypatch)
+    script = {0: [{"obj_id": k, "points": [[30 + 40 * k, 50]], "labels": [1]} for k in (1, 2)]}
+    try:
+        run_both(family_model, script, batch_objects=False)
+    finally:
+        hook.remove()
+    assert frames_seen == [] and set(batches) == {1}
 
 
 def test_object_added_mid_stream_and_removed(family_model: torch.nn.Module) -> None:
@@ -308,9 +389,9 @@ def test_a_mask_prompt_beside_other_objects(family_model: torch.nn.Module) -> No
     """transformers 5.23's EdgeTAM alone fails here (a mask prompt's object
     scores have another shape than the SAM head's); the fix installed on our
     models reshapes them, values unchanged where the library does not fail."""
-    family = family_model.stream_family
-    bare = family.model_class()(family_model.config).eval()
-    bare.load_state_dict(family_model.state_dict())
+    family, fixed = family_model.stream_family, shipped(family_model)
+    bare = family.model_class()(fixed.config).eval()
+    bare.load_state_dict(fixed.state_dict())
 
     def run(net: torch.nn.Module) -> dict[int, torch.Tensor]:
         ref = Reference(net, family)
@@ -325,7 +406,7 @@ def test_a_mask_prompt_beside_other_objects(family_model: torch.nn.Module) -> No
     except RuntimeError as e:
         assert family.name == "edgetam" and "same number of dimensions" in str(e)
         theirs = None
-    ours = run(family_model)
+    ours = run(fixed)
     assert set(ours) == {1, 2}
     if theirs is not None:
         assert all(torch.equal(ours[o], theirs[o]) for o in ours)
@@ -352,3 +433,33 @@ def test_sam3_tracker_is_the_perception_encoder() -> None:
     assert type(net.vision_encoder.backbone).__name__ == "Sam3ViTModel"
     with pytest.raises(ModelConfigError, match="multiple of"):
         sam3.config(image_size=1000)
+
+
+def test_the_served_model_is_sped_up_and_computes_the_same(family_model: torch.nn.Module) -> None:
+    """What ``fast`` changes (tracker.families.speedups): position encodings
+    computed once per shape (the same tensor comes back), and for EdgeTAM RepViT
+    in its re-parameterised form with NHWC convolutions; the vision features
+    equal the shipped model's to float rounding (the streams above compare the
+    masks at 1e-4). The random weights give the batch norms trained-looking
+    statistics, so the folding is exercised."""
+    from tracker.families.speedups import _CachedPositionEncoding
+
+    ship = shipped(family_model)
+    cached = [m for m in family_model.modules() if isinstance(m.__dict__.get("forward"), _CachedPositionEncoding)]
+    assert cached and not any(isinstance(m.__dict__.get("forward"), _CachedPositionEncoding) for m in ship.modules())
+    shape = torch.Size([1, 256, 16, 16])
+    assert cached[0](shape, "cpu", torch.float32) is cached[0](shape, "cpu", torch.float32)
+    s = SIZES[family_model.stream_family.name]
+    pixels = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ours, theirs = family_model.get_image_features(pixels), ship.get_image_features(pixels)
+    for a, b in zip([*ours.fpn_hidden_states, *ours.fpn_position_encoding], [*theirs.fpn_hidden_states, *theirs.fpn_position_encoding]):
+        assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+    if family_model.stream_family.name == "edgetam":
+        norms = (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)
+        backbone = family_model.vision_encoder.backbone.timm_model
+        assert not any(isinstance(m, norms) for m in backbone.modules())
+        assert sum(isinstance(m, norms) for m in ship.vision_encoder.backbone.timm_model.modules()) > 50
+        stats = [m for m in ship.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(float(m.running_var.std()) > 0.1 and float(m.weight.detach().std()) > 0.1 for m in stats)
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in family_model.vision_encoder.parameters() if w.dim() == 4)

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tests.frames import moving_shapes, shape_centres, write_jpeg_folder  # noqa: E402
-from tests.test_families import family_model  # noqa: E402,F401  (the module-scoped model fixture)
+from tests.test_families import family_model, shipped  # noqa: E402,F401  (the module-scoped model fixture; its reference)
 from tracker.annotate import AnnotateStats, Prompt, annotate  # noqa: E402
 
 N, H, W = 20, 120, 160
@@ -72,7 +72,7 @@ def test_annotate_equals_the_library_forward_then_backward(family_model, clip) -
     assert sorted(ours) == list(range(N))
     assert (stats.forward_frames, stats.frames) == (N - k, N)
     for obj_id in (1, 2):
-        theirs = library_run(family_model, frames, [p for p in prompts if p.obj_id == obj_id])
+        theirs = library_run(shipped(family_model), frames, [p for p in prompts if p.obj_id == obj_id])
         assert sorted(theirs) == list(range(N))
         for f, logits in theirs.items():
             mine = ours[f].objects[obj_id]

@@ -57,14 +57,22 @@ SAM3_DROPPED_LEVEL = "vision_encoder.neck.fpn_layers.3."
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """The model as the service builds it (with the inference speed-ups); its
+    ``shipped`` twin (the library's model as it ships, the same weights) is what
+    the reference's image model takes its weights from."""
     torch.set_num_threads(2)
-    model = build_family_model(
-        request.param, device=torch.device("cpu"), image_size=SIZES[request.param], random_weights_seed=0, reduced=True
-    )
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model.no_memory_embedding.copy_(torch.randn_like(model.no_memory_embedding))
+    kwargs = {"device": torch.device("cpu"), "image_size": SIZES[request.param], "random_weights_seed": 0, "reduced": True}
+    model, twin = build_family_model(request.param, **kwargs), build_family_model(request.param, fast=False, **kwargs)
+    for net in (model, twin):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            net.no_memory_embedding.copy_(torch.randn_like(net.no_memory_embedding))
+    SHIPPED[request.param] = twin
     return model
+
+
+#: each family's model as the library ships it, with the fixture model's weights
+SHIPPED: dict[str, torch.nn.Module] = {}
 
 
 class ImageReference:
@@ -133,7 +141,7 @@ class ImageReference:
 
 @pytest.fixture(scope="module")
 def reference(family_model) -> ImageReference:
-    return ImageReference(family_model)
+    return ImageReference(SHIPPED[family_model.stream_family.name])
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,7 @@ def build_family_model(
     download: bool = True,
     precision: str = "auto",
     reduced: bool = False,
+    fast: bool = True,
 ) -> torch.nn.Module:
     """Build a family's video model ready for inference (eval, on ``device``).
 
@@ -61,6 +62,10 @@ def build_family_model(
     or None for the official one from the cache (:mod:`tracker.hf_checkpoints`).
     ``random_weights_seed``: seeded random weights instead (tests, benchmarks).
     ``reduced``: the narrow test-size variant of the architecture (random weights only).
+    ``fast``: apply the inference speed-ups (:mod:`tracker.families.speedups`:
+    the same function computed faster); False leaves the library's model as it
+    ships (the tests' reference, and a model to ``save_pretrained``: fused
+    modules have other weights' names).
     """
     family = FAMILIES[name]
     if reduced and random_weights_seed is None:
@@ -88,6 +93,10 @@ def build_family_model(
     net.image_size = int(net.config.image_size)  # type: ignore[assignment]  # as SAM2Base has it
     net = net.to(device).eval()
     net.autocast_precision = precision  # type: ignore[assignment]
+    if fast:
+        from tracker.families.speedups import speed_up
+
+        speed_up(net)
     return net
 
 
@@ -118,7 +127,20 @@ def _load_pretrained(cls: type, family: HFFamily, path: Path, image_size: int | 
 def _make_random_weights_visible(net: torch.nn.Module) -> None:
     """As for SAM 2 (``tracker.model``): a random object-score head says "no
     object" half the time and the masks become constants; a positive bias keeps
-    random masks worth comparing."""
+    random masks worth comparing.
+
+    Batch norms get trained-looking statistics and affines (they start as the
+    identity), so that folding them into convolutions (``fast``) is tested.
+    """
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in norms:
+            c = bn.num_features
+            bn.weight.copy_(0.5 + torch.rand(c, generator=gen))
+            bn.bias.copy_(0.1 * torch.randn(c, generator=gen))
+            bn.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+            bn.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
     head = getattr(getattr(net, "mask_decoder", None), "pred_obj_score_head", None)
     if head is None:
         return

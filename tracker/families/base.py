@@ -43,12 +43,23 @@ class HFFamily(ABC):
     size_multiple: int = 32
     #: one line for the model table
     licence: str = ""
+    #: how the library's tracking step differs per family, for
+    #: :mod:`tracker.families.batched_step`: the batch dimension of the stored
+    #: memory features, whether memory attention takes the number of spatial
+    #: memory frames, whether the memory is cast to the session's dtype first
+    memory_batch_dim: int = 0
+    memory_attention_counts_spatial: bool = False
+    memory_in_session_dtype: bool = False
 
     @abstractmethod
     def model_class(self) -> type: ...
 
     @abstractmethod
     def session_class(self) -> type: ...
+
+    @abstractmethod
+    def segmentation_output_class(self) -> type:
+        """What the video model's ``forward`` returns (``*VideoSegmentationOutput``)."""
 
     @abstractmethod
     def config(self, *, image_size: int | None = None, reduced: bool = False) -> Any:
@@ -68,6 +79,12 @@ class HFFamily(ABC):
     def check_architecture(self, model: torch.nn.Module) -> None:
         """Raise :class:`ModelConfigError` when ``model`` is not this family's
         architecture (e.g. a config that silently built another backbone)."""
+
+    def speed_up(self, model: torch.nn.Module) -> list[str]:
+        """This family's inference speed-ups on ``model`` (in place; the same
+        function computed faster, see :mod:`tracker.families.speedups`); what
+        was done. Default: none beyond the generic ones."""
+        return []
 
     def check_image_size(self, image_size: int) -> int:
         if image_size % self.size_multiple != 0 or image_size < 2 * self.size_multiple:

@@ -32,6 +32,7 @@ class EdgeTam(HFFamily):
     image_size = 1024
     size_multiple = 32
     licence = "Apache-2.0 (code and weights)"
+    memory_attention_counts_spatial = True  # its perceiver's latents: RoPE repeats per memory frame
 
     def model_class(self) -> type:
         return require_transformers().EdgeTamVideoModel
@@ -41,6 +42,12 @@ class EdgeTam(HFFamily):
         from transformers.models.edgetam_video.modeling_edgetam_video import EdgeTamVideoInferenceSession
 
         return EdgeTamVideoInferenceSession
+
+    def segmentation_output_class(self) -> type:
+        require_transformers()
+        from transformers.models.edgetam_video.modeling_edgetam_video import EdgeTamVideoSegmentationOutput
+
+        return EdgeTamVideoSegmentationOutput
 
     def config(self, *, image_size: int | None = None, reduced: bool = False) -> Any:
         """EdgeTAM's released architecture. ``reduced`` keeps RepViT-M1 and the
@@ -89,6 +96,15 @@ class EdgeTam(HFFamily):
             video_processor=tf.Sam2VideoVideoProcessor(size=size),
             target_size=image_size,
         )
+
+    def speed_up(self, model: torch.nn.Module) -> list[str]:
+        """RepViT in its inference form (timm's re-parameterisation) and the
+        vision encoder's convolutions in NHWC (see :mod:`tracker.families.speedups`)."""
+        from tracker.families.speedups import channels_last, fuse_reparameterizable
+
+        fused = fuse_reparameterizable(model.vision_encoder.backbone.timm_model)
+        channels_last(model.vision_encoder)
+        return [f"RepViT re-parameterised ({fused} modules fused)", "vision encoder channels-last"]
 
     def check_architecture(self, model: torch.nn.Module) -> None:
         vision = getattr(model, "vision_encoder", None)

@@ -22,7 +22,10 @@ around its calls keeps only what the model can still attend to:
   no full-resolution masks once the step that encoded them into memory is over.
 
 Every prediction is the library's own: the same model calls in the same order
-as an unpruned session, so the outputs are equal (``tests/test_families.py``).
+as an unpruned session, so the outputs are equal (``tests/test_families.py``);
+on frames where several objects are simply tracked, the same calls with the
+objects stacked into one batch (:mod:`tracker.families.batched_step`), equal up
+to float rounding.
 How the library behaves is kept, e.g. a correction on a tracked frame becomes
 a non-conditioning output (``corrections_as_cond=True`` promotes it, as SAM 2's
 ``add_all_frames_to_correct_as_cond`` does, at the price of that equality), and
@@ -41,6 +44,7 @@ import torch
 
 from tracker.errors import FrameNotAvailableError, PromptError
 from tracker.families.base import HFFamily
+from tracker.families.batched_step import plain_tracking_frame, track_batched
 from tracker.model import autocast_context, model_precision
 from tracker.predictor import PredictorStats, _to_device
 from tracker.predictor_shared import PreparedFrame, StreamingMethods, check_rgb_frame
@@ -84,11 +88,36 @@ class _MaskScoreShape:
         return out
 
 
+class _PerceiverOneByOne:
+    """transformers 5.23's EdgeTAM perceiver fails on a batch of more than one
+    memory (``latents_2d...expand(batch, -1, -1).view(...)``: "view size is not
+    compatible"), which the batched step (:mod:`tracker.families.batched_step`)
+    hands it; this runs such a batch one memory at a time (what the library's
+    object-by-object loop does) and stacks the results. Picklable."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.function = type(module).forward
+
+    def __call__(self, features: torch.Tensor, positions: torch.Tensor | None = None) -> Any:
+        if features.shape[0] <= 1:
+            return self.function(self.module, features, positions)
+        parts = [
+            self.function(self.module, features[i : i + 1], None if positions is None else positions[i : i + 1])
+            for i in range(features.shape[0])
+        ]
+        return tuple(None if part[0] is None else torch.cat(part, dim=0) for part in zip(*parts))
+
+
 def install_library_fixes(model: torch.nn.Module) -> None:
     """Work around the library's defects on this model instance (see
-    :class:`_MaskScoreShape`); the class itself is left alone."""
+    :class:`_MaskScoreShape`, :class:`_PerceiverOneByOne`); the classes
+    themselves are left alone."""
     if hasattr(type(model), "_use_mask_as_output") and not isinstance(model.__dict__.get("_use_mask_as_output"), _MaskScoreShape):
         model._use_mask_as_output = _MaskScoreShape(model)  # type: ignore[assignment]
+    perceiver = getattr(model, "spatial_perceiver", None)
+    if perceiver is not None and not isinstance(perceiver.__dict__.get("forward"), _PerceiverOneByOne):
+        perceiver.forward = _PerceiverOneByOne(perceiver)  # type: ignore[method-assign]
 
 
 def _streaming_session_class(base: type) -> type:
@@ -110,9 +139,11 @@ class HFVideoPredictor(StreamingMethods):
     """Track prompted objects through frames that arrive one at a time, with a
     transformers video model (:func:`tracker.families.build_family_model`).
 
-    The arguments are :class:`tracker.predictor.StreamingPredictor`'s;
-    ``batch_objects`` and ``resize`` are accepted for the same interface (the
-    library runs objects one by one; frames are resized as its processor does).
+    The arguments are :class:`tracker.predictor.StreamingPredictor`'s.
+    ``batch_objects``: on a frame where every object is simply tracked, run them
+    as one batch (:mod:`tracker.families.batched_step`; the library alone runs
+    them one by one); False runs the library's own loop. ``resize`` is accepted
+    for the same interface (frames are resized as the library's processor does).
     ``independent_objects`` gives each object a session of its own (offline
     annotation tracks each object from its own first prompt).
     """
@@ -502,7 +533,9 @@ class HFVideoPredictor(StreamingMethods):
         if frame_idx not in self._cache._vision_features:
             raise FrameNotAvailableError(f"frame {frame_idx}'s features are no longer held")
         with autocast_context(self.device, self.precision):
-            if streaming:
+            if self.batch_objects and plain_tracking_frame(s, frame_idx):
+                out = track_batched(self.model, s, frame_idx, reverse=reverse, streaming=streaming)
+            elif streaming:
                 out = self.model(s, frame_idx=frame_idx, frame=_NO_PIXELS)
             else:
                 out = self.model(s, frame_idx=frame_idx, reverse=reverse)

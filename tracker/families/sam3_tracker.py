@@ -25,6 +25,8 @@ class Sam3Tracker(HFFamily):
     image_size = 1008
     size_multiple = _PATCH
     licence = "SAM License (Meta; restricts some uses, gated download)"
+    memory_batch_dim = 1  # its memory features are stored (HW, B, C)
+    memory_in_session_dtype = True
 
     def model_class(self) -> type:
         return require_transformers().Sam3TrackerVideoModel
@@ -36,6 +38,12 @@ class Sam3Tracker(HFFamily):
         )
 
         return Sam3TrackerVideoInferenceSession
+
+    def segmentation_output_class(self) -> type:
+        require_transformers()
+        from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoSegmentationOutput
+
+        return Sam3TrackerVideoSegmentationOutput
 
     def config(self, *, image_size: int | None = None, reduced: bool = False) -> Any:
         """SAM 3's released tracker. ``reduced`` keeps the architecture (windowed

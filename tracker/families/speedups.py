@@ -1,0 +1,100 @@
+"""Inference speed-ups for a transformers family model: the same functions,
+computed faster. Applied by :func:`tracker.families.build_family_model` unless
+asked not to (``fast=False``, which is the library exactly as it ships: the
+tests' reference).
+
+* :func:`cache_position_encodings`: the vision neck's sine position encodings
+  depend only on each level's shape, yet transformers 5.23 recomputes them on
+  every frame (its ``lru_cache(maxsize=1)`` is shared by the four FPN levels,
+  so it always misses): ~0.1 s per 1024 px frame on a 2-core CPU for EdgeTAM.
+  Each instance keeps its own encodings per (shape, device, dtype): bit-exact.
+* :func:`fuse_reparameterizable`: RepViT's inference form (timm's ``fuse()``:
+  batch norms folded into the convolutions, the depthwise 1x1 and identity
+  branches folded into the 3x3). The network computes the same function;
+  outputs differ by float rounding only (``tests/test_families.py`` compares
+  against the unfused library at 1e-4).
+* :func:`channels_last`: convolutions in NHWC, where oneDNN runs without
+  reordering each input and output (most of EdgeTAM's bf16 backbone time on a
+  CPU was those reorders).
+
+Measured in ``bench/bench_families.py`` (``--shipped`` runs the unmodified
+model side by side).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class _CachedPositionEncoding:
+    """A sine position embedding module's ``forward`` that computes each
+    (shape, device, dtype) once per instance. Picklable (the CPU fallback copies
+    the model); the copy starts with an empty cache."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.function = type(module).forward
+        self.cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def __call__(self, shape: torch.Size, device: torch.device | str, dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:  # a padding mask changes the encoding: nothing to reuse
+            return self.function(self.module, shape, device, dtype, mask)
+        key = (tuple(shape), str(torch.device(device)), dtype)
+        out = self.cache.get(key)
+        if out is None:
+            out = self.cache[key] = self.function(self.module, shape, device, dtype)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"module": self.module, "function": self.function, "cache": {}}
+
+
+def cache_position_encodings(model: torch.nn.Module) -> int:
+    """Give every sine position embedding of ``model`` its own cache; how many."""
+    n = 0
+    for module in model.modules():
+        if hasattr(type(module), "build_sine_position_embedding") and not isinstance(
+            module.__dict__.get("forward"), _CachedPositionEncoding
+        ):
+            module.forward = _CachedPositionEncoding(module)  # type: ignore[method-assign]
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def fuse_reparameterizable(module: torch.nn.Module) -> int:
+    """Replace every child that has an inference form (timm's ``fuse()``, as
+    RepViT's ``ConvNorm`` / ``RepVggDw`` / ``NormLinear`` have) by it, depth
+    first from the top as timm's own ``RepVit.fuse`` does; how many."""
+    n = 0
+    for name, child in list(module.named_children()):
+        fuse = getattr(child, "fuse", None)
+        if callable(fuse):
+            fused = fuse()
+            setattr(module, name, fused)
+            n += 1 + fuse_reparameterizable(fused)
+        else:
+            n += fuse_reparameterizable(child)
+    return n
+
+
+def channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``'s 4-D weights in NHWC: its convolutions then produce NHWC
+    outputs (PyTorch follows the weight's memory format), which the next
+    convolution takes without a reorder."""
+    return module.to(memory_format=torch.channels_last)
+
+
+def speed_up(model: torch.nn.Module) -> list[str]:
+    """Apply the generic speed-ups and the family's own; what was done."""
+    done = []
+    if n := cache_position_encodings(model):
+        done.append(f"{n} position encodings cached")
+    done += model.stream_family.speed_up(model)
+    logger.debug("inference speed-ups for %s: %s", model.stream_family.name, ", ".join(done) or "none")
+    return done
