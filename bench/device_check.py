@@ -167,9 +167,9 @@ class Checker:
 
         # reduced models, as the CPU tests use them (on the GPU too: the
         # comparison is of code paths and arithmetic, and the frames are 160x120)
-        net = build_family_model(
-            name, device=self.device, image_size=tf.SIZES[name], random_weights_seed=0, reduced=True, precision=self.precision
-        )
+        kwargs = {"device": self.device, "image_size": tf.SIZES[name], "random_weights_seed": 0, "reduced": True, "precision": self.precision}
+        net = build_family_model(name, **kwargs)  # served: with the inference speed-ups
+        tf.SHIPPED[name] = build_family_model(name, fast=False, **kwargs)  # the reference: the library as it ships
 
         class DeviceReference(tf.Reference):
             """The test's reference session, on the model's device and under its autocast."""
@@ -246,7 +246,7 @@ class Checker:
 
     def frames_per_s(self, net: torch.nn.Module, n_timed: int, warmup: int) -> float:
         frames = _frames(1 + warmup + n_timed)
-        times, _, _ = bench_families.time_stream(
+        times, _, _, _ = bench_families.time_stream(
             net, frames, bench_families.clicks_for(1, bench_families.SPEED_HW), warmup, n_timed
         )
         return 1000 / float(np.median(times))
@@ -260,7 +260,7 @@ class Checker:
             self.guarded("speed", name, setting, 15 if self.smoke else 40, lambda name=name, setting=setting: self._speed(name, setting))
 
     def _speed(self, name: str, setting: str) -> None:
-        fps = self.frames_per_s(self.model(name), self.args.frames, warmup=2)
+        fps = self.frames_per_s(self.model(name), self.args.frames, warmup=bench_families.STEADY_WARMUP)
         self.add("speed", name, setting, f"{fps:.2f} frames/s", value=fps)
 
     def compiled(self) -> None:
@@ -277,7 +277,7 @@ class Checker:
         t0 = time.perf_counter()
         self.frames_per_s(net, 1, warmup=2)  # compiles (the prompt frame and the tracking frames share the encoder)
         compile_s = time.perf_counter() - t0
-        fps = self.frames_per_s(net, self.args.frames, warmup=2)
+        fps = self.frames_per_s(net, self.args.frames, warmup=bench_families.STEADY_WARMUP)
         eager = next((r.value for r in self.rows if r.check == "speed" and r.model == name and r.value), None)
         ratio = f", {fps / eager:.2f}x eager" if eager else ""
         self.add(
