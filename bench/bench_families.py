@@ -199,7 +199,7 @@ def _timed(fn: Callable[..., Any], into: list[float]) -> Callable[..., Any]:
 
 
 def time_stream(
-    model: torch.nn.Module, frames: list[np.ndarray], clicks: list[list[float]], warmup: int, n_timed: int
+    model: torch.nn.Module, frames: list[np.ndarray], clicks: list[list[float]], warmup: int, n_timed: int, **options: Any
 ) -> tuple[list[float], list[float], list[float], float]:
     """Points on frame 0, ``warmup`` frames, then ``n_timed`` timed ``track()``
     calls; (wall ms per frame, process CPU ms per frame, ms of the image
@@ -207,10 +207,11 @@ def time_stream(
     goes through ``forward_batch``; wall ms of frame 1, the first after the
     prompt frame, where the memory bank holds one frame). With one torch
     thread on a shared machine the CPU time is the work itself, the wall time
-    includes the waits for a core."""
+    includes the waits for a core. ``options``: the predictor's (e.g.
+    ``batch_objects``)."""
     from tracker.families import make_predictor
 
-    pred = make_predictor(model, return_logits=False)
+    pred = make_predictor(model, return_logits=False, **options)
     encoder: list[float] = []
     pred.forward_batch = _timed(pred.forward_batch, encoder)  # the encoder's share, at no cost
     pred.track(frames[0])

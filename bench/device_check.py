@@ -17,13 +17,17 @@ a row saying why, the others still run; a check that would overrun
    ``SAM2VideoPredictor`` under the same autocast (max |diff| of mask logits).
 2. ``speed``: frames/s of ``track()`` (one object, points on frame 0) at each
    model's size (1024 px, SAM 3's tracker 1008), full-size architectures with
-   random weights, eager.
-3. ``multi-stream``: ``--streams`` sessions on one ``InferenceWorker``, their
+   random weights, eager, at the steady state (the memory bank full).
+3. ``objects``: four objects of one stream, EdgeTAM and SAM 3's tracker,
+   batched through memory attention and the heads
+   (``tracker/families/batched_step.py``) vs the library's object-by-object
+   loop (``batch_objects=False``): frames/s.
+4. ``multi-stream``: ``--streams`` sessions on one ``InferenceWorker``, their
    frames through the image encoder as one batch (``max_batch=streams``) vs
    one by one (``max_batch=1``): total frames/s.
-4. ``annotate``: ``bench/bench_annotate.py video --device cuda`` (ours vs
+5. ``annotate``: ``bench/bench_annotate.py video --device cuda`` (ours vs
    Meta's predictor, sam2.1-tiny at 1024 px), its throughput ratio.
-5. ``compile``: the same as 2 with the image encoder under ``torch.compile``
+6. ``compile``: the same as 2 with the image encoder under ``torch.compile``
    (``nn.Module.compile``, default mode), with the compile + warm-up time.
    Last because it is the slowest; CUDA only.
 
@@ -70,7 +74,7 @@ FAMILY_TESTS = (
     "test_prompt_on_a_past_frame",
 )
 SMOKE_FAMILY_TESTS = ("test_one_object",)
-CHECKS = ("equivalence", "speed", "multi-stream", "annotate", "compile")
+CHECKS = ("equivalence", "speed", "objects", "multi-stream", "annotate", "compile")
 SMOKE_SIZE = {"edgetam": 256, "sam2.1-tiny": 256, "sam3-tracker": 224}
 
 
@@ -242,12 +246,12 @@ class Checker:
             "2/2 pass" if ok else "FAIL", "; ".join(worst_all),
         )
 
-    # ---------------------------------------------------------------- 2. speed, 5. compile
+    # ---------------------------------------------------------------- 2. speed, 6. compile
 
-    def frames_per_s(self, net: torch.nn.Module, n_timed: int, warmup: int) -> float:
+    def frames_per_s(self, net: torch.nn.Module, n_timed: int, warmup: int, objects: int = 1, **options: Any) -> float:
         frames = _frames(1 + warmup + n_timed)
         times, _, _, _ = bench_families.time_stream(
-            net, frames, bench_families.clicks_for(1, bench_families.SPEED_HW), warmup, n_timed
+            net, frames, bench_families.clicks_for(objects, bench_families.SPEED_HW), warmup, n_timed, **options
         )
         return 1000 / float(np.median(times))
 
@@ -285,7 +289,21 @@ class Checker:
             f"{fps:.2f} frames/s", f"compile + warm-up {compile_s:.0f} s{ratio}", value=fps,
         )
 
-    # ---------------------------------------------------------------- 3. multi-stream
+    # ---------------------------------------------------------------- 3. objects batched
+
+    def objects(self) -> None:
+        for name in FAMILY_MODELS:
+            setting = f"{self.size_of(name)} px, 4 objects, batch_objects true vs false, median of {self.args.frames} frames"
+            self.guarded("objects", name, setting, 15 if self.smoke else 40, lambda name=name, setting=setting: self._objects(name, setting))
+
+    def _objects(self, name: str, setting: str) -> None:
+        net, warmup = self.model(name), bench_families.STEADY_WARMUP
+        batched = self.frames_per_s(net, self.args.frames, warmup, objects=4, batch_objects=True)
+        single = self.frames_per_s(net, self.args.frames, warmup, objects=4, batch_objects=False)
+        self.add("objects", name, setting, f"{batched:.2f} vs {single:.2f} frames/s",
+                 f"objects batched (tracker/families/batched_step.py) vs the library's loop: {batched / single:.2f}x", value=batched / single)
+
+    # ---------------------------------------------------------------- 4. multi-stream
 
     def multistream(self) -> None:
         k, steps = self.args.streams, self.args.stream_steps
@@ -303,7 +321,7 @@ class Checker:
             f"batched (max_batch={k}) vs one by one (max_batch=1): {batched / single:.2f}x", value=batched / single,
         )
 
-    # ---------------------------------------------------------------- 4. annotate
+    # ---------------------------------------------------------------- 5. annotate
 
     def annotate(self) -> None:
         if self.smoke:
@@ -337,7 +355,7 @@ class Checker:
     # ---------------------------------------------------------------- run
 
     def run(self) -> None:
-        parts = {"equivalence": self.equivalence, "speed": self.speed, "multi-stream": self.multistream,
+        parts = {"equivalence": self.equivalence, "speed": self.speed, "objects": self.objects, "multi-stream": self.multistream,
                  "annotate": self.annotate, "compile": self.compiled}
         for name, part in parts.items():
             if name in self.args.checks:
