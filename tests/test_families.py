@@ -210,8 +210,12 @@ def batched_frames(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> t
 
 def test_objects_are_batched_and_equal_the_library_one_by_one(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three objects prompted on frame 0: every later frame tracks them as one
-    batch (one memory-attention call of batch 3), and every mask equals the
-    library's object-by-object loop (``run_both``'s comparison at 1e-4)."""
+    batch (one memory-attention call of batch 3; the SAM head in chunks of 2
+    here, as a batch larger than ``HEAD_CHUNK`` is cut), and every mask equals
+    the library's object-by-object loop (``run_both``'s comparison at 1e-4)."""
+    from tracker.families import batched_step
+
+    monkeypatch.setattr(batched_step, "HEAD_CHUNK", 2)
     frames_seen, batches, hook = batched_frames(family_model, monkeypatch)
     script = {0: [{"obj_id": k, "points": [[30 + 40 * k, 50]], "labels": [1]} for k in (1, 2, 3)]}
     try:
@@ -239,6 +243,29 @@ def test_objects_of_different_memories_are_batched_by_layout(family_model: torch
         hook.remove()
     assert frames_seen == list(range(1, N_FRAMES))  # the prompt on frame 3 (after it was tracked): the library's step
     assert batches[:3] == [2, 2, 2] and 1 in batches and batches[-1] == 3
+
+
+def test_which_frames_are_batched(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a frame the library would simply track for every object: not one
+    with a conditioning output, not while an object has new inputs, not a
+    single object, not a model without memory."""
+    from tracker.families.batched_step import plain_tracking_frame
+
+    pred = make_predictor(family_model)
+    images = frames(3)
+    pred.track(images[0])
+    pred.add_prompt(1, points_xy=[[60, 50]], labels=[1])
+    s = pred.session
+    assert not plain_tracking_frame(family_model, s, 1)  # one object
+    pred.add_prompt(2, points_xy=[[120, 50]], labels=[1])
+    pred.track(images[1])
+    assert plain_tracking_frame(family_model, s, 2) and plain_tracking_frame(family_model, s, 1)
+    assert not plain_tracking_frame(family_model, s, 0)  # the prompts' conditioning outputs
+    s.obj_with_new_inputs.append(2)
+    assert not plain_tracking_frame(family_model, s, 2)
+    s.obj_with_new_inputs.remove(2)
+    monkeypatch.setattr(family_model, "num_maskmem", 0)
+    assert not plain_tracking_frame(family_model, s, 2)
 
 
 def test_batch_objects_false_runs_the_library_loop(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -448,7 +475,11 @@ def test_the_served_model_is_sped_up_and_computes_the_same(family_model: torch.n
     cached = [m for m in family_model.modules() if isinstance(m.__dict__.get("forward"), _CachedPositionEncoding)]
     assert cached and not any(isinstance(m.__dict__.get("forward"), _CachedPositionEncoding) for m in ship.modules())
     shape = torch.Size([1, 256, 16, 16])
-    assert cached[0](shape, "cpu", torch.float32) is cached[0](shape, "cpu", torch.float32)
+    one = cached[0](shape, "cpu", torch.float32)
+    assert one is cached[0](shape, "cpu", torch.float32)
+    batch = torch.Size([3, *shape[1:]])  # a batch: the one image's encoding, expanded (one copy)
+    got, want = cached[0](batch, "cpu", torch.float32), type(cached[0]).forward(cached[0], batch, "cpu", torch.float32)
+    assert torch.equal(got, want) and got.data_ptr() == one.data_ptr() and not got.is_inference()
     s = SIZES[family_model.stream_family.name]
     pixels = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():

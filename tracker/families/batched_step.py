@@ -30,12 +30,18 @@ from typing import Any
 import torch
 
 
-def plain_tracking_frame(session: Any, frame_idx: int) -> bool:
+#: objects per call of the SAM head: the library's multimask selection builds
+#: an objects x objects tensor of full-resolution masks (see ``_sam_head``), so
+#: a batch is cut into chunks of this many (16 masks of 1024 x 1024 at most)
+HEAD_CHUNK = 4
+
+
+def plain_tracking_frame(model: torch.nn.Module, session: Any, frame_idx: int) -> bool:
     """True when the library would simply track every object of ``session`` on
-    ``frame_idx`` (no object has new inputs, none has a conditioning output
-    there) and there is more than one object to batch."""
+    ``frame_idx`` (the model has a memory, no object has new inputs, none has a
+    conditioning output there) and there is more than one object to batch."""
     n = session.get_obj_num()
-    if n < 2 or session.obj_with_new_inputs:
+    if n < 2 or session.obj_with_new_inputs or int(model.num_maskmem) <= 0:
         return False
     return all(frame_idx not in session.output_dict_per_obj[i]["cond_frame_outputs"] for i in range(n))
 
@@ -76,11 +82,12 @@ def track_batched(model: torch.nn.Module, session: Any, frame_idx: int, *, rever
 
     # memory attention, one batch per memory layout (usually one for all)
     memories = [_object_memory(model, session, i, frame_idx, reverse=reverse, streaming=streaming) for i in range(n)]
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for i, (memory, _, n_ptr, n_spatial) in enumerate(memories):
-        groups.setdefault((memory.shape[0], n_ptr, n_spatial), []).append(i)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (memory, memory_pos, n_ptr, n_spatial) in enumerate(memories):
+        # same layout and dtypes (a batch must not promote one object's memory)
+        groups.setdefault((memory.shape[0], n_ptr, n_spatial, memory.dtype, memory_pos.dtype), []).append(i)
     pix_feat: list[torch.Tensor | None] = [None] * n
-    for (_, n_ptr, n_spatial), members in groups.items():
+    for (_, n_ptr, n_spatial, _, _), members in groups.items():
         b = len(members)
         memory = torch.cat([memories[i][0] for i in members], dim=1)
         memory_pos = torch.cat([memories[i][1] for i in members], dim=1)
@@ -100,49 +107,64 @@ def track_batched(model: torch.nn.Module, session: Any, frame_idx: int, *, rever
         for k, i in enumerate(members):
             pix_feat[i] = conditioned[k : k + 1]
 
-    # the SAM head for all objects
-    high_res = [
-        x.permute(1, 2, 0).view(1, x.size(2), *s).expand(n, -1, -1, -1)
-        for x, s in zip(feats[:-1], model.backbone_feature_sizes[:-1])
-    ]
-    sam = model._single_frame_forward(
-        pixel_values=None,
-        input_points=None,
-        input_labels=None,
-        input_masks=None,
-        image_embeddings=high_res + [torch.cat(pix_feat, dim=0)],
-        multimask_output=model._use_multimask(False, None),
-    )
-    if n > 1 and sam.pred_masks.shape[1] == n:
-        # the library's multimask selection (``[batch_inds, object_batch_inds,
-        # best_iou_inds]`` with best_iou_inds of shape (B, 1)) broadcasts to
-        # B x B: entry [r, c] is object c's mask at object r's best index, so
-        # object i's own choice is the diagonal
-        diag = torch.arange(n, device=sam.pred_masks.device)
-        for name in ("pred_masks", "high_res_masks", "object_pointer"):
-            setattr(sam, name, getattr(sam, name)[diag, diag].unsqueeze(1))
-    # the memory encoder for all objects (as SAM 3's ``_batch_encode_memories``)
+    # the SAM head, then the memory encoder for all objects (as SAM 3's ``_batch_encode_memories``)
+    sam = _sam_head(model, feats, torch.cat(pix_feat, dim=0))
     maskmem, maskmem_pos = model._encode_new_memory(
         current_vision_feats=current.expand(-1, n, -1),
-        pred_masks_high_res=sam.high_res_masks,
-        object_score_logits=sam.object_score_logits,
+        pred_masks_high_res=sam["high_res_masks"],
+        object_score_logits=sam["object_score_logits"],
         is_mask_from_pts=False,
     )
     d = family.memory_batch_dim
     scores = []
     for i in range(n):
         current_out = {
-            "pred_masks": sam.pred_masks[i : i + 1].clone(),
-            "object_pointer": sam.object_pointer[i : i + 1].clone(),
+            "pred_masks": sam["pred_masks"][i : i + 1].clone(),
+            "object_pointer": sam["object_pointer"][i : i + 1].clone(),
             "maskmem_features": maskmem.narrow(d, i, 1).clone(),
             "maskmem_pos_enc": maskmem_pos.narrow(d, i, 1).clone(),
-            "object_score_logits": sam.object_score_logits[i : i + 1].clone(),
+            "object_score_logits": sam["object_score_logits"][i : i + 1].clone(),
         }
         session.store_output(i, frame_idx, output_value=current_out, is_conditioning_frame=False)
         session.frames_tracked_per_obj[i][frame_idx] = {"reverse": reverse}
         scores.append(current_out["object_score_logits"].squeeze(-1))
     # what the library's ``forward`` returns for the frame
     return family.segmentation_output_class()(
-        object_ids=session.obj_ids.copy(), pred_masks=sam.pred_masks, object_score_logits=torch.cat(scores, dim=0),
+        object_ids=session.obj_ids.copy(), pred_masks=sam["pred_masks"], object_score_logits=torch.cat(scores, dim=0),
         frame_idx=frame_idx,
     )
+
+
+_HEAD_OUTPUTS = ("pred_masks", "high_res_masks", "object_pointer", "object_score_logits")
+
+
+def _sam_head(model: torch.nn.Module, feats: list[torch.Tensor], pix_feat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The library's ``_single_frame_forward`` (no prompt) on the memory-conditioned
+    features of B objects, in chunks of :data:`HEAD_CHUNK`; its outputs per object,
+    concatenated.
+
+    With multimask output (the released configs track with it), the library
+    selects each object's best mask as ``[batch_inds, object_batch_inds,
+    best_iou_inds]`` with ``best_iou_inds`` of shape (B, 1): that broadcasts to
+    B x B, entry [r, c] being object c's mask at object r's best index, so
+    object i's own choice is the diagonal (the chunks keep that B x B small)."""
+    multimask = model._use_multimask(False, None)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in _HEAD_OUTPUTS}
+    for start in range(0, pix_feat.shape[0], HEAD_CHUNK):
+        chunk = pix_feat[start : start + HEAD_CHUNK]
+        b = chunk.shape[0]
+        high_res = [
+            x.permute(1, 2, 0).view(1, x.size(2), *s).expand(b, -1, -1, -1)
+            for x, s in zip(feats[:-1], model.backbone_feature_sizes[:-1])
+        ]
+        out = model._single_frame_forward(
+            pixel_values=None, input_points=None, input_labels=None, input_masks=None,
+            image_embeddings=high_res + [chunk], multimask_output=multimask,
+        )  # fmt: skip
+        for k in _HEAD_OUTPUTS:
+            value = getattr(out, k)
+            if k != "object_score_logits" and b > 1 and value.shape[1] == b:
+                diag = torch.arange(b, device=value.device)
+                value = value[diag, diag].unsqueeze(1)
+            parts[k].append(value)
+    return {k: torch.cat(v, dim=0) for k, v in parts.items()}

@@ -533,7 +533,7 @@ class HFVideoPredictor(StreamingMethods):
         if frame_idx not in self._cache._vision_features:
             raise FrameNotAvailableError(f"frame {frame_idx}'s features are no longer held")
         with autocast_context(self.device, self.precision):
-            if self.batch_objects and plain_tracking_frame(s, frame_idx):
+            if self.batch_objects and plain_tracking_frame(self.model, s, frame_idx):
                 out = track_batched(self.model, s, frame_idx, reverse=reverse, streaming=streaming)
             elif streaming:
                 out = self.model(s, frame_idx=frame_idx, frame=_NO_PIXELS)

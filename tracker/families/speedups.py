@@ -3,11 +3,13 @@ computed faster. Applied by :func:`tracker.families.build_family_model` unless
 asked not to (``fast=False``, which is the library exactly as it ships: the
 tests' reference).
 
-* :func:`cache_position_encodings`: the vision neck's sine position encodings
-  depend only on each level's shape, yet transformers 5.23 recomputes them on
+* :func:`cache_position_encodings`: sine position encodings depend only on a
+  feature map's shape, yet transformers 5.23 recomputes EdgeTAM's neck's on
   every frame (its ``lru_cache(maxsize=1)`` is shared by the four FPN levels,
-  so it always misses): ~0.1 s per 1024 px frame on a 2-core CPU for EdgeTAM.
-  Each instance keeps its own encodings per (shape, device, dtype): bit-exact.
+  so it always misses): ~0.1 s per 1024 px frame on a 2-core CPU. Each
+  instance keeps its own encodings per (channels, height, width, device,
+  dtype), computed for one image and expanded to the batch (every image of a
+  batch has the same encoding): bit-exact, and one copy whatever the batch.
 * :func:`fuse_reparameterizable`: RepViT's inference form (timm's ``fuse()``:
   batch norms folded into the convolutions, the depthwise 1x1 and identity
   branches folded into the 3x3). The network computes the same function;
@@ -44,11 +46,14 @@ class _CachedPositionEncoding:
     def __call__(self, shape: torch.Size, device: torch.device | str, dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None:  # a padding mask changes the encoding: nothing to reuse
             return self.function(self.module, shape, device, dtype, mask)
-        key = (tuple(shape), str(torch.device(device)), dtype)
-        out = self.cache.get(key)
-        if out is None:
-            out = self.cache[key] = self.function(self.module, shape, device, dtype)
-        return out
+        batch, *rest = tuple(shape)
+        key = (tuple(rest), str(torch.device(device)), dtype)
+        one = self.cache.get(key)
+        if one is None:
+            # an ordinary tensor (not an inference-mode one), usable anywhere
+            with torch.inference_mode(False), torch.no_grad():
+                one = self.cache[key] = self.function(self.module, torch.Size([1, *rest]), device, dtype)
+        return one if batch == 1 else one.expand(batch, *rest)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"module": self.module, "function": self.function, "cache": {}}
