@@ -171,7 +171,7 @@ class Checker:
 
         # reduced models, as the CPU tests use them (on the GPU too: the
         # comparison is of code paths and arithmetic, and the frames are 160x120)
-        kwargs = {"device": self.device, "image_size": tf.SIZES[name], "random_weights_seed": 0, "reduced": True, "precision": self.precision}
+        kwargs = {**tf.family_kwargs(name), "device": self.device, "precision": self.precision}
         net = build_family_model(name, **kwargs)  # served: with the inference speed-ups
         tf.SHIPPED[name] = build_family_model(name, fast=False, **kwargs)  # the reference: the library as it ships
 

@@ -188,9 +188,10 @@ def test_three_objects_points_box_mask(family_model: torch.nn.Module) -> None:
     assert_bounded(pred)
 
 
-def batched_frames(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int], Any]:
-    """Record the frames the predictor tracks through the batched step, and the
-    batch sizes memory attention sees on ``model`` (until the returned hook is removed)."""
+@pytest.fixture
+def batch_spy(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """(the frames the predictor tracks through the batched step, the batch sizes
+    memory attention sees on ``family_model``), recorded during the test."""
     from tracker.families import hf_video
 
     frames_seen: list[int] = []
@@ -202,13 +203,16 @@ def batched_frames(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> t
         return real(m, session, frame_idx, **kwargs)
 
     monkeypatch.setattr(hf_video, "track_batched", spy)
-    hook = model.memory_attention.register_forward_hook(
+    hook = family_model.memory_attention.register_forward_hook(
         lambda module, args, kwargs, out: batches.append(int(kwargs["current_vision_features"].shape[1])), with_kwargs=True
     )
-    return frames_seen, batches, hook
+    yield frames_seen, batches
+    hook.remove()
 
 
-def test_objects_are_batched_and_equal_the_library_one_by_one(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_objects_are_batched_and_equal_the_library_one_by_one(
+    family_model: torch.nn.Module, batch_spy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Three objects prompted on frame 0: every later frame tracks them as one
     batch (one memory-attention call of batch 3; the SAM head in chunks of 2
     here, as a batch larger than ``HEAD_CHUNK`` is cut), and every mask equals
@@ -216,31 +220,25 @@ def test_objects_are_batched_and_equal_the_library_one_by_one(family_model: torc
     from tracker.families import batched_step
 
     monkeypatch.setattr(batched_step, "HEAD_CHUNK", 2)
-    frames_seen, batches, hook = batched_frames(family_model, monkeypatch)
+    frames_seen, batches = batch_spy
     script = {0: [{"obj_id": k, "points": [[30 + 40 * k, 50]], "labels": [1]} for k in (1, 2, 3)]}
-    try:
-        pred, compared = run_both(family_model, script)
-    finally:
-        hook.remove()
+    pred, compared = run_both(family_model, script)
     assert compared == 3 * (N_FRAMES - 1)
     assert frames_seen == list(range(1, N_FRAMES))
     assert batches == [3] * (N_FRAMES - 1)
     assert_bounded(pred)
 
 
-def test_objects_of_different_memories_are_batched_by_layout(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_objects_of_different_memories_are_batched_by_layout(family_model: torch.nn.Module, batch_spy: Any) -> None:
     """An object added on frame 3 has fewer memories and pointers than the two
     prompted on frame 0 until its banks fill: memory attention runs one batch
     per layout (2 + 1), then one of 3; the masks still equal the library's."""
-    frames_seen, batches, hook = batched_frames(family_model, monkeypatch)
+    frames_seen, batches = batch_spy
     script = {
         0: [{"obj_id": 1, "points": [[60, 50]], "labels": [1]}, {"obj_id": 2, "points": [[120, 50]], "labels": [1]}],
         3: [{"obj_id": 5, "box": [10, 70, 60, 115]}],
     }
-    try:
-        run_both(family_model, script)
-    finally:
-        hook.remove()
+    run_both(family_model, script)
     assert frames_seen == list(range(1, N_FRAMES))  # the prompt on frame 3 (after it was tracked): the library's step
     assert batches[:3] == [2, 2, 2] and 1 in batches and batches[-1] == 3
 
@@ -268,13 +266,10 @@ def test_which_frames_are_batched(family_model: torch.nn.Module, monkeypatch: py
     assert not plain_tracking_frame(family_model, s, 2)
 
 
-def test_batch_objects_false_runs_the_library_loop(family_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    frames_seen, batches, hook = batched_frames(family_model, monkeypatch)
+def test_batch_objects_false_runs_the_library_loop(family_model: torch.nn.Module, batch_spy: Any) -> None:
+    frames_seen, batches = batch_spy
     script = {0: [{"obj_id": k, "points": [[30 + 40 * k, 50]], "labels": [1]} for k in (1, 2)]}
-    try:
-        run_both(family_model, script, batch_objects=False)
-    finally:
-        hook.remove()
+    run_both(family_model, script, batch_objects=False)
     assert frames_seen == [] and set(batches) == {1}
 
 
@@ -396,7 +391,7 @@ def test_cpu_fallback_copy_takes_over_the_state(family_model: torch.nn.Module) -
     a = tracking_one_object(family_model, images[:4])
     copy = _cpu_copy(family_model)
     assert copy.stream_family is family_model.stream_family and copy is not family_model
-    assert copy._use_mask_as_output.model is copy  # the fix travels with the copy, bound to it
+    assert copy._use_mask_as_output.module is copy  # the fix travels with the copy, bound to it
     b = make_predictor(copy)
     b.load_state_dict(a.state_dict())
     assert_tracking_equal(a, b, images[4:])

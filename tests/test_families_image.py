@@ -29,6 +29,7 @@ from PIL import Image
 pytest.importorskip("transformers")
 
 from tests.frames import moving_shapes, shape_centres  # noqa: E402
+from tests.test_families import SIZES, family_kwargs  # noqa: E402  (the same reduced models)
 from tests.test_segment import BAD_PROMPTS  # noqa: E402
 from tracker.embedding_cache import EmbeddingCache  # noqa: E402
 from tracker.errors import FrameError, PromptError  # noqa: E402
@@ -36,7 +37,6 @@ from tracker.families import FAMILIES, build_family_model  # noqa: E402
 from tracker.families.hf_image import HFImageSegmenter, make_segmenter  # noqa: E402
 from tracker.segment import ImagePromptError, ImageSegmenter, segment  # noqa: E402
 
-SIZES = {"edgetam": 256, "sam3-tracker": 224}
 H, W = 120, 160
 TOL = 1e-4
 
@@ -61,7 +61,7 @@ def family_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     ``shipped`` twin (the library's model as it ships, the same weights) is what
     the reference's image model takes its weights from."""
     torch.set_num_threads(2)
-    kwargs = {"device": torch.device("cpu"), "image_size": SIZES[request.param], "random_weights_seed": 0, "reduced": True}
+    kwargs = family_kwargs(request.param)
     model, twin = build_family_model(request.param, **kwargs), build_family_model(request.param, fast=False, **kwargs)
     for net in (model, twin):
         with torch.no_grad(), torch.random.fork_rng(devices=[]):

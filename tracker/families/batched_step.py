@@ -116,7 +116,6 @@ def track_batched(model: torch.nn.Module, session: Any, frame_idx: int, *, rever
         is_mask_from_pts=False,
     )
     d = family.memory_batch_dim
-    scores = []
     for i in range(n):
         current_out = {
             "pred_masks": sam["pred_masks"][i : i + 1].clone(),
@@ -127,11 +126,10 @@ def track_batched(model: torch.nn.Module, session: Any, frame_idx: int, *, rever
         }
         session.store_output(i, frame_idx, output_value=current_out, is_conditioning_frame=False)
         session.frames_tracked_per_obj[i][frame_idx] = {"reverse": reverse}
-        scores.append(current_out["object_score_logits"].squeeze(-1))
     # what the library's ``forward`` returns for the frame
     return family.segmentation_output_class()(
-        object_ids=session.obj_ids.copy(), pred_masks=sam["pred_masks"], object_score_logits=torch.cat(scores, dim=0),
-        frame_idx=frame_idx,
+        object_ids=session.obj_ids.copy(), pred_masks=sam["pred_masks"],
+        object_score_logits=sam["object_score_logits"].squeeze(-1), frame_idx=frame_idx,
     )
 
 
@@ -149,17 +147,15 @@ def _sam_head(model: torch.nn.Module, feats: list[torch.Tensor], pix_feat: torch
     B x B, entry [r, c] being object c's mask at object r's best index, so
     object i's own choice is the diagonal (the chunks keep that B x B small)."""
     multimask = model._use_multimask(False, None)
+    # the high-resolution levels, (HW)BC -> BCHW, shared by every object
+    high_res = [x.permute(1, 2, 0).view(1, x.size(2), *s) for x, s in zip(feats[:-1], model.backbone_feature_sizes[:-1])]
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in _HEAD_OUTPUTS}
     for start in range(0, pix_feat.shape[0], HEAD_CHUNK):
         chunk = pix_feat[start : start + HEAD_CHUNK]
         b = chunk.shape[0]
-        high_res = [
-            x.permute(1, 2, 0).view(1, x.size(2), *s).expand(b, -1, -1, -1)
-            for x, s in zip(feats[:-1], model.backbone_feature_sizes[:-1])
-        ]
         out = model._single_frame_forward(
             pixel_values=None, input_points=None, input_labels=None, input_masks=None,
-            image_embeddings=high_res + [chunk], multimask_output=multimask,
+            image_embeddings=[x.expand(b, -1, -1, -1) for x in high_res] + [chunk], multimask_output=multimask,
         )  # fmt: skip
         for k in _HEAD_OUTPUTS:
             value = getattr(out, k)

@@ -45,6 +45,7 @@ import torch
 from tracker.errors import FrameNotAvailableError, PromptError
 from tracker.families.base import HFFamily
 from tracker.families.batched_step import plain_tracking_frame, track_batched
+from tracker.families.instance_patch import InstancePatch
 from tracker.model import autocast_context, model_precision
 from tracker.predictor import PredictorStats, _to_device
 from tracker.predictor_shared import PreparedFrame, StreamingMethods, check_rgb_frame
@@ -68,7 +69,7 @@ def family_of(model: torch.nn.Module) -> HFFamily:
     return family
 
 
-class _MaskScoreShape:
+class _MaskScoreShape(InstancePatch):
     """transformers 5.23's ``_use_mask_as_output`` (a mask prompt) returns object
     scores of shape (B, 1) where the SAM head returns (B, 1, 1); a session that
     holds other objects then fails to concatenate the frame's scores
@@ -77,27 +78,19 @@ class _MaskScoreShape:
     library runs one object per call, B = 1). Installed on each model by
     :func:`install_library_fixes`; picklable, so a CPU copy keeps it."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.function = type(model)._use_mask_as_output
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.function(self.model, *args, **kwargs)
+        out = self.function(self.module, *args, **kwargs)
         if out.object_score_logits is not None and out.object_score_logits.dim() == 2:
             out.object_score_logits = out.object_score_logits[:, None]
         return out
 
 
-class _PerceiverOneByOne:
+class _PerceiverOneByOne(InstancePatch):
     """transformers 5.23's EdgeTAM perceiver fails on a batch of more than one
     memory (``latents_2d...expand(batch, -1, -1).view(...)``: "view size is not
     compatible"), which the batched step (:mod:`tracker.families.batched_step`)
     hands it; this runs such a batch one memory at a time (what the library's
     object-by-object loop does) and stacks the results. Picklable."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.function = type(module).forward
 
     def __call__(self, features: torch.Tensor, positions: torch.Tensor | None = None) -> Any:
         if features.shape[0] <= 1:
@@ -113,11 +106,11 @@ def install_library_fixes(model: torch.nn.Module) -> None:
     """Work around the library's defects on this model instance (see
     :class:`_MaskScoreShape`, :class:`_PerceiverOneByOne`); the classes
     themselves are left alone."""
-    if hasattr(type(model), "_use_mask_as_output") and not isinstance(model.__dict__.get("_use_mask_as_output"), _MaskScoreShape):
-        model._use_mask_as_output = _MaskScoreShape(model)  # type: ignore[assignment]
+    if hasattr(type(model), "_use_mask_as_output"):
+        _MaskScoreShape.install(model, "_use_mask_as_output")
     perceiver = getattr(model, "spatial_perceiver", None)
-    if perceiver is not None and not isinstance(perceiver.__dict__.get("forward"), _PerceiverOneByOne):
-        perceiver.forward = _PerceiverOneByOne(perceiver)  # type: ignore[method-assign]
+    if perceiver is not None:
+        _PerceiverOneByOne.install(perceiver, "forward")
 
 
 def _streaming_session_class(base: type) -> type:

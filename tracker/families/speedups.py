@@ -19,8 +19,8 @@ tests' reference).
   reordering each input and output (most of EdgeTAM's bf16 backbone time on a
   CPU was those reorders).
 
-Measured in ``bench/bench_families.py`` (``--shipped`` runs the unmodified
-model side by side).
+Measured in ``bench/bench_families.py`` (its ``edgetam-shipped`` model is
+EdgeTAM without them, side by side).
 """
 
 from __future__ import annotations
@@ -30,17 +30,19 @@ from typing import Any
 
 import torch
 
+from tracker.families.instance_patch import InstancePatch
+
 logger = logging.getLogger(__name__)
 
 
-class _CachedPositionEncoding:
-    """A sine position embedding module's ``forward`` that computes each
-    (shape, device, dtype) once per instance. Picklable (the CPU fallback copies
-    the model); the copy starts with an empty cache."""
+class _CachedPositionEncoding(InstancePatch):
+    """A sine position embedding module's ``forward`` that computes each image
+    shape's encoding (channels, height, width, device, dtype) once per instance
+    and expands it to a batch. Picklable (the CPU fallback copies the model);
+    the copy starts with an empty cache."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.function = type(module).forward
+    def __init__(self, module: torch.nn.Module, name: str) -> None:
+        super().__init__(module, name)
         self.cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def __call__(self, shape: torch.Size, device: torch.device | str, dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,14 +63,11 @@ class _CachedPositionEncoding:
 
 def cache_position_encodings(model: torch.nn.Module) -> int:
     """Give every sine position embedding of ``model`` its own cache; how many."""
-    n = 0
-    for module in model.modules():
-        if hasattr(type(module), "build_sine_position_embedding") and not isinstance(
-            module.__dict__.get("forward"), _CachedPositionEncoding
-        ):
-            module.forward = _CachedPositionEncoding(module)  # type: ignore[method-assign]
-            n += 1
-    return n
+    return sum(
+        _CachedPositionEncoding.install(module, "forward")
+        for module in model.modules()
+        if hasattr(type(module), "build_sine_position_embedding")
+    )
 
 
 @torch.no_grad()
