@@ -36,6 +36,11 @@ Two parts:
   two-layer ViT, the same memory design and pruning) at 224 px;
   ``--sam3-full-memory`` runs the full one at 336 px.
 
+Both parts set the process's allocator as ``sam2-stream`` does
+(``tracker.allocator.keep_freed_memory``: large buffers from the heap, reused
+frame after frame, for every model alike); ``--malloc system`` keeps glibc's
+defaults, to measure what that setting is worth (two runs, alternated).
+
 The figures measured here, and the exact commands, are in bench/RESULTS_families.md.
 
     .venv/bin/python bench/bench_families.py speed memory --json /tmp/families.json   # the defaults
@@ -66,6 +71,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from tracker.allocator import ENV as ALLOCATOR_ENV  # noqa: E402
+from tracker.allocator import keep_freed_memory  # noqa: E402
 
 MODELS = ("edgetam", "sam2.1-tiny", "sam3-tracker")
 #: EdgeTAM as transformers ships it, without tracker.families.speedups (speed only:
@@ -118,6 +126,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": tf_version,
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "malloc": "system" if os.environ.get(ALLOCATOR_ENV, "").strip().lower() == "system" else "kept freed memory",
     }
 
 
@@ -329,7 +338,7 @@ def print_speed(result: dict[str, Any], info: dict[str, Any], args: argparse.Nam
               f"round(s), precisions {','.join(args.sam3_precisions)}, objects {','.join(map(str, args.sam3_objects or args.objects))} "
               "(a frame at 1008 px takes minutes on this CPU)")
     print(f"   {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch thread(s), {bf16}; "
-          f"load {info['load_avg_1m']:.1f} at the start; {info['date_utc']}")
+          f"malloc: {info['malloc']}; load {info['load_avg_1m']:.1f} at the start; {info['date_utc']}")
     print("   wall: ms of track() as measured; CPU: the process's CPU ms in it (the work, without waits for a core)")
     print(f"  {'model':15s} {'size':>5s} {'prec':>5s} {'obj':>3s} {'wall ms':>9s} {'rounds':>13s} {'frames/s':>9s} "
           f"{'CPU ms':>9s} {'CPU fr/s':>9s} {'encoder':>8s} {'wall fps/' + BASELINE:>22s} {'CPU fps/' + BASELINE:>20s} "
@@ -530,11 +539,16 @@ def main() -> None:
         help="torch CPU threads (default 0: torch's default, one per core; on a machine shared with other work "
         "1 is steadier: two OpenMP threads wait on each other, measured 8-10x slower per frame under load ~10)",
     )
+    ap.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                    help="keep: large buffers from the heap, reused (as sam2-stream sets it; the default); system: glibc's defaults")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
+    if args.malloc == "system":
+        os.environ[ALLOCATOR_ENV] = "system"  # the memory part's subprocesses too
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.parts == ["memory-worker"]:

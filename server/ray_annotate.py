@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from server.ray_cluster import ClusterError, WorkerShape, connect, torch_threads_for_actor
+from tracker.allocator import keep_freed_memory
 from tracker.annotate_many import AnnotateOptions, JobProgress, ModelSpec, VideoJob, VideoOutcome, annotate_job_video, describe_error
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class AnnotateWorker:
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(torch_threads_for_actor())
+        keep_freed_memory()  # an actor's process does not go through the CLI
         self.spec, self.options = spec, options
         self._model: Any = None
         self._current: str | None = None

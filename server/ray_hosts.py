@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.ray_cluster import ClusterError, torch_threads_for_actor
+from tracker.allocator import keep_freed_memory
 from tracker.annotate_many import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -263,6 +264,7 @@ class SessionHost:
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(torch_threads_for_actor())
+        keep_freed_memory()  # an actor's process does not go through the CLI
         self.name = name
         self.directory = directory
         self.snapshot_every = max(1, int(snapshot_every))

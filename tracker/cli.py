@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 
+from tracker.allocator import keep_freed_memory
 from tracker.errors import TrackerError
 
 if TYPE_CHECKING:
@@ -515,6 +516,7 @@ def main(
     if not args.verbose:
         for name in quiet_loggers:
             logging.getLogger(name).setLevel(logging.WARNING)
+    keep_freed_memory()  # before any model is built: large buffers reused frame after frame
     try:
         return int(args.func(args) or 0)
     except TrackerError as e:
