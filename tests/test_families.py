@@ -266,6 +266,54 @@ def test_which_frames_are_batched(family_model: torch.nn.Module, monkeypatch: py
     assert not plain_tracking_frame(family_model, s, 2)
 
 
+def test_the_first_self_attention_runs_once_for_a_batch(family_model: torch.nn.Module, batch_spy: Any) -> None:
+    """Objects batched on a frame bring the same queries to the first
+    memory-attention layer (the frame's features): its self-attention runs on
+    one of them, later layers' on all (their queries carry each object's
+    memory); the masks still equal the library's loop (``run_both``)."""
+    frames_seen, batches = batch_spy
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    layers = family_model.memory_attention.layers
+    hooks = [
+        layers[i].self_attn.q_proj.register_forward_hook(lambda m, args, out, i=i: seen[i].append(int(args[0].shape[0])))
+        for i in (0, 1)
+    ]
+    try:
+        script = {0: [{"obj_id": k, "points": [[30 + 40 * k, 50]], "labels": [1]} for k in (1, 2, 3)]}
+        run_both(family_model, script)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert batches == [3] * (N_FRAMES - 1)
+    assert set(seen[0]) == {1} and seen[1].count(3) == N_FRAMES - 1
+
+
+def test_shared_self_attention_equals_the_library_on_any_batch(family_model: torch.nn.Module) -> None:
+    """The patched self-attention itself: a batch of equal rows gives the
+    library's result for that batch (computed once); a batch whose rows differ
+    goes through the library's function unchanged."""
+    from tracker.families.speedups import _SharedSelfAttention
+
+    attention = family_model.memory_attention
+    patched = attention.layers[0].self_attn
+    assert isinstance(patched.__dict__.get("forward"), _SharedSelfAttention)
+    assert not isinstance(attention.layers[1].self_attn.__dict__.get("forward"), _SharedSelfAttention)
+    library = type(patched).forward
+    tokens = attention.position_ids.shape[0]
+    g = torch.Generator().manual_seed(5)
+    same = torch.randn(1, 1, tokens, patched.hidden_size, generator=g).expand(3, -1, -1, -1).clone()
+    differ = same.clone()
+    differ[1] += torch.randn(differ[1].shape, generator=g)
+    rope = attention.rotary_emb(same, attention.position_ids)
+    with torch.inference_mode():
+        for x in (same, differ):
+            ours, _ = patched(query=x, key=x, value=x, position_embeddings=rope)
+            theirs, _ = library(patched, query=x, key=x, value=x, position_embeddings=rope)
+            assert ours.shape == theirs.shape and float((ours - theirs).abs().max()) <= 1e-5
+        ours, _ = patched(query=differ, key=differ, value=differ, position_embeddings=rope)
+        assert not torch.equal(ours[0], ours[1])
+
+
 def test_batch_objects_false_runs_the_library_loop(family_model: torch.nn.Module, batch_spy: Any) -> None:
     frames_seen, batches = batch_spy
     script = {0: [{"obj_id": k, "points": [[30 + 40 * k, 50]], "labels": [1]} for k in (1, 2)]}
