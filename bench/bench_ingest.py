@@ -20,9 +20,8 @@ Allocator note: at full 1080p, file mode keeps several 6 MB frames alive at
 once (the queue), and glibc returns freed blocks of that size to the kernel,
 so each new frame page-faults (~0.5-1 ms CPU per frame on a 2-core VM); the
 bare loop frees each frame before the next and reuses the same block.
-``--tune-malloc`` calls ``tracker.ingest.keep_frame_memory()`` (glibc's
-trim/mmap thresholds, as ``MALLOC_TRIM_THRESHOLD_=536870912
-MALLOC_MMAP_THRESHOLD_=268435456`` would) for both sides of the comparison.
+``--tune-malloc`` calls ``tracker.allocator.keep_freed_memory()`` (glibc's
+trim/mmap thresholds, as ``sam2-stream`` sets them) for both sides of the comparison.
 
 Usage::
 
@@ -50,7 +49,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracker.ingest import keep_frame_memory, open_source, output_size_hw  # noqa: E402
+from tracker.allocator import keep_freed_memory  # noqa: E402
+from tracker.ingest import open_source, output_size_hw  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CLIP = ROOT.parent / "shared" / "videos" / "moviepy__smpte-2997.mp4"
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-malloc", action="store_true", help="see 'Allocator note' above")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.tune_malloc and not keep_frame_memory():
+    if args.tune_malloc and not keep_freed_memory():
         print("--tune-malloc: not glibc; running without it")
 
     clip = args.clip or (SHARED_CLIP if SHARED_CLIP.exists() else make_1080p_clip(ROOT / "bench" / "out" / "clip_1080p.mp4"))

@@ -24,9 +24,13 @@ x = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # 64 MiB: beyond any mmap
 during = heap_info()
 del x
 after = heap_info()
+huge = torch.empty(300 << 20, dtype=torch.uint8)  # beyond the 256 MiB threshold: a one-off, mapped
+huge_mapped = heap_info().mmapped_blocks - after.mmapped_blocks
+del huge
 print(json.dumps({"applied": applied, "again": keep_freed_memory(),
                   "mapped_during": during.mmapped_blocks - before.mmapped_blocks,
-                  "kept_after": after.arena - before.arena, "free_after": after.free}))
+                  "kept_after": after.arena - before.arena, "free_after": after.free,
+                  "huge_mapped": huge_mapped, "huge_returned": heap_info().mmapped_blocks == after.mmapped_blocks}))
 """
 
 
@@ -44,6 +48,7 @@ def test_large_blocks_come_from_the_heap_and_are_kept_for_reuse():
     assert r["applied"] is True and r["again"] is True
     assert r["mapped_during"] == 0  # no mmap of its own
     assert r["kept_after"] >= 64 << 20 and r["free_after"] >= 64 << 20  # freed, kept in the heap
+    assert r["huge_mapped"] == 1 and r["huge_returned"]  # a block over the threshold still goes back
 
 
 def test_system_opts_out_and_glibc_maps_large_blocks_as_before():

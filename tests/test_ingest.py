@@ -719,18 +719,6 @@ def test_preprocess_clahe_and_denoise_do_their_job() -> None:
         assert source.get_latest(1).image_rgb.std() < 0.7 * noisy_rgb.std()
 
 
-def test_keep_frame_memory_is_opt_in_and_works_on_glibc() -> None:
-    """It changes the process's allocator, so it runs in a child process here."""
-    import platform
-    import sys
-
-    code = "from tracker.ingest import keep_frame_memory; print(keep_frame_memory())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
-    expected = "True" if platform.libc_ver()[0] == "glibc" else "False"
-    assert out == expected
-
-
 def test_a_crashing_reader_fails_visibly_without_leaking_credentials(monkeypatch: pytest.MonkeyPatch,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """An unexpected exception in the decode thread ends the stream with a SourceError, password scrubbed."""

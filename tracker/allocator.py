@@ -1,20 +1,27 @@
-"""The process's memory allocator, set for frame-after-frame inference.
+"""The process's memory allocator, set for frame-after-frame work.
 
-Why: glibc's ``malloc`` serves every request over its mmap threshold (at most
-32 MiB) with a fresh ``mmap`` and hands it back with ``munmap`` when freed.
-Inference at 1024 px makes such buffers on every frame (EdgeTAM's memory
-attention MLP alone: two 4096 x 2048 float32 activations, 32 MiB each), so each
-frame page-faults them in again, each page zeroed by the kernel: about a tenth
-of EdgeTAM's frame on a 2-core CPU (``bench/RESULTS_families.md``). With
-``mmap`` off for ``malloc`` and a high trim threshold, a freed block stays in
-the heap and the next frame reuses it: the same arithmetic, without the page
-faults.
+Why: glibc's ``malloc`` serves a request over its mmap threshold (which it
+raises as it goes, to 32 MiB at most) with a fresh ``mmap`` and hands it back
+with ``munmap`` when freed, and it returns freed memory at the top of its heap
+to the kernel beyond 128 KiB. Frame-after-frame work makes the same large
+buffers on every frame: a decoded 1080p frame (6 MB, several alive at once in
+file mode's queue), inference's activations at 1024 px (EdgeTAM's memory
+attention MLP alone: two 4096 x 2048 float32 tensors, 32 MiB each). So each
+frame page-faults them in again, each page zeroed by the kernel: a third of
+the cost of decoding a 1080p frame, about a tenth of EdgeTAM's frame on a
+2-core CPU (``bench/bench_ingest.py``, ``bench/RESULTS_families.md``). With
+the mmap threshold at 256 MiB and the trim threshold at 1 GiB, freed blocks
+stay in the heap and the next frame reuses them: the same arithmetic, without
+the page faults.
 
-The price: memory freed below the trim threshold is kept by the process for
-reuse instead of going back to the system, so the resident size stays at its
-high-water mark (a streaming service's memory is flat anyway:
-``bench/bench_families.py memory``). ``SAM2_STREAM_MALLOC=system`` keeps
-glibc's defaults. Only glibc has these settings; elsewhere nothing is changed.
+The price: up to ``retain_mb`` of freed memory stays in the process for reuse
+instead of going back to the system (a streaming service's memory is flat
+anyway: ``bench/bench_families.py memory``); a block over 256 MiB (a one-off)
+is still mapped and returned. It changes the whole process's allocator, so the
+library never does it on its own: ``sam2-stream`` (every subcommand), the Ray
+actors and the benchmarks call :func:`keep_freed_memory` at start-up.
+``SAM2_STREAM_MALLOC=system`` keeps glibc's defaults. Only glibc has these
+settings; elsewhere nothing is changed.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ logger = logging.getLogger(__name__)
 
 #: the environment variable that opts out (``system``: glibc's defaults)
 ENV = "SAM2_STREAM_MALLOC"
-#: freed memory at the top of the heap beyond this goes back to the system
-TRIM_THRESHOLD = 1 << 30
+#: blocks up to this size come from the heap (beyond: mapped, returned when freed)
+MMAP_THRESHOLD = 256 << 20
+#: freed memory kept for reuse by default (MiB): the heap's free top beyond it goes back
+RETAIN_MB = 1024
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
+_M_MMAP_THRESHOLD = -3
 
 _applied = False
 
@@ -47,10 +56,11 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def keep_freed_memory(trim_threshold: int = TRIM_THRESHOLD) -> bool:
-    """Serve large allocations from the heap and keep freed memory for reuse
-    (see the module's docstring); whether the setting is in effect. Idempotent;
-    call it early, before the model is built (blocks already mapped stay so)."""
+def keep_freed_memory(retain_mb: int = RETAIN_MB) -> bool:
+    """Serve blocks up to :data:`MMAP_THRESHOLD` from the heap and keep up to
+    ``retain_mb`` of freed memory for reuse (see the module's docstring);
+    whether the setting is in effect. Idempotent; call it early, before the
+    model is built and frames flow (blocks already mapped stay so)."""
     global _applied
     if _applied:
         return True
@@ -60,12 +70,13 @@ def keep_freed_memory(trim_threshold: int = TRIM_THRESHOLD) -> bool:
     libc = _libc()
     if libc is None:
         return False
-    threshold = min(int(trim_threshold), 2**31 - 1)  # mallopt takes a C int
-    if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, threshold) != 1:
+    retain = min(max(int(retain_mb), 1) << 20, 2**31 - 1)  # mallopt takes a C int
+    # setting either threshold turns glibc's own adjustment off, so both are set
+    if libc.mallopt(_M_MMAP_THRESHOLD, min(MMAP_THRESHOLD, retain)) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, retain) != 1:
         logger.warning("mallopt refused the allocator settings: glibc's defaults stay")
         return False
     _applied = True
-    logger.debug("malloc: no mmap for large blocks, freed memory kept up to %d MiB", threshold >> 20)
+    logger.debug("malloc: blocks up to %d MiB from the heap, up to %d MiB of freed memory kept", MMAP_THRESHOLD >> 20, retain >> 20)
     return True
 
 

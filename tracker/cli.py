@@ -255,9 +255,7 @@ def annotate_video(
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from tracker.ingest import keep_frame_memory
-
-    keep_frame_memory()  # file-mode decoding at full resolution without page-faulting every frame
+    keep_freed_memory()  # also for the many-videos loop: frames and activations reused, not page-faulted in each frame
 
     from tracker.annotate import AnnotateStats, annotate, check_prompts, load_prompts
     from tracker.annotate_many import WORK_DIR

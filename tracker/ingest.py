@@ -30,7 +30,8 @@ The server parses client-supplied sources with a :class:`SourcePolicy`
 checked before anything looks at the file system, and it travels with the spec,
 so every URL the reader opens for it (HLS segments and keys, redirects,
 reconnects) is checked too. Programs decoding full-resolution video in file mode may call
-:func:`keep_frame_memory` once at start-up (see there: an allocator setting). What does not live here: the model, prompts, the network server.
+:func:`tracker.allocator.keep_freed_memory` once at start-up (an allocator setting:
+decoded frames' buffers reused instead of page-faulted in again). What does not live here: the model, prompts, the network server.
 The implementation is in :mod:`tracker.sources`.
 """
 
@@ -44,7 +45,7 @@ from tracker.errors import SourceError
 from tracker.sources.av_source import AVSource
 from tracker.sources.base import VideoSource
 from tracker.sources.delivery import EventKind, EventLog, FrameBuffer, SourceEvent, SourceStats
-from tracker.sources.frame import Frame, FrameConverter, keep_frame_memory, output_size_hw, quarter_turns
+from tracker.sources.frame import Frame, FrameConverter, output_size_hw, quarter_turns
 from tracker.sources.images import ImageFolderSource, list_image_files
 from tracker.sources.push import PushSource
 from tracker.sources.policy import HostPattern, SourcePolicy
@@ -75,7 +76,6 @@ __all__ = [
     "SourceSpec",
     "SourceStats",
     "VideoSource",
-    "keep_frame_memory",
     "list_image_files",
     "open_source",
     "output_size_hw",

@@ -14,8 +14,6 @@ against the BT.709 formula).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from dataclasses import dataclass
 
@@ -154,33 +152,3 @@ def frame_pts_s(av_frame: av.VideoFrame) -> float | None:
     if stamp is None or av_frame.time_base is None:
         return None
     return float(stamp * av_frame.time_base)
-
-
-def keep_frame_memory(retain_mb: int = 512) -> bool:
-    """Opt in: let glibc keep freed frame-sized blocks instead of returning them to the kernel.
-
-    Each delivered frame is a fresh buffer the consumer owns (1080p RGB: 6 MB).
-    With several in flight (file mode's queue), glibc hands freed blocks back
-    to the kernel and every new frame page-faults its memory in again: about
-    0.5-1 ms of CPU per 1080p frame, a third of the cost of decoding it.
-    Raising glibc's mmap/trim thresholds keeps that memory for re-use, at the
-    price of up to ``retain_mb`` of freed memory staying in the process.
-
-    It changes the whole process's allocator, so the library never does it on
-    its own: call it once at start-up (the CLI and the server may), or set
-    ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=536870912`` in the
-    environment. Returns False where the C library is not glibc.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    retain = retain_mb * 2**20
-    # Setting either threshold turns glibc's own adjustment off, so set both.
-    done = bool(mallopt(m_mmap_threshold, min(retain // 2, 2**30))) and bool(mallopt(m_trim_threshold, retain))
-    if done:
-        log.info("allocator: keeping up to %d MB of freed frame memory for re-use", retain_mb)
-    return done
