@@ -73,7 +73,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tracker.allocator import ENV as ALLOCATOR_ENV  # noqa: E402
-from tracker.allocator import keep_freed_memory  # noqa: E402
+from tracker.allocator import freed_memory_kept, keep_freed_memory  # noqa: E402
 
 MODELS = ("edgetam", "sam2.1-tiny", "sam3-tracker")
 #: EdgeTAM as transformers ships it, without tracker.families.speedups (speed only:
@@ -126,7 +126,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": tf_version,
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "malloc": "system" if os.environ.get(ALLOCATOR_ENV, "").strip().lower() == "system" else "kept freed memory",
+        "malloc": "kept freed memory" if freed_memory_kept() else "system",
     }
 
 

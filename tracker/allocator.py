@@ -27,6 +27,7 @@ settings; elsewhere nothing is changed.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -47,6 +48,7 @@ _M_MMAP_THRESHOLD = -3
 _applied = False
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -78,6 +80,11 @@ def keep_freed_memory(retain_mb: int = RETAIN_MB) -> bool:
     _applied = True
     logger.debug("malloc: blocks up to %d MiB from the heap, up to %d MiB of freed memory kept", MMAP_THRESHOLD >> 20, retain >> 20)
     return True
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` has put its setting in effect in this process."""
+    return _applied
 
 
 @dataclass(frozen=True)
